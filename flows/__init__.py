@@ -1,0 +1,1 @@
+"""Prefect flows: nightly sanitize-and-train, and on-call remediation."""

@@ -1,0 +1,129 @@
+"""Typed configuration: the only reader of ``params.yaml``.
+
+One pydantic model per stage (``extra="forbid"``, so a misspelt key fails at load time with
+its name); defaults live in the models only. A stage function receives only its own section,
+which is exactly what its ``dvc.yaml`` ``params:`` lists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from poisonguard.demo import DemoConfig
+from poisonguard.llm_review import ReviewConfig
+from poisonguard.model_config import FinetuneConfig, PruneConfig, ScanConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Frozen):
+    """How deliveries are read."""
+
+    inputs: list[str] = Field(default_factory=lambda: ["data/raw/inhouse.jsonl", "data/raw/vendor-acme.jsonl"])
+    format: str | None = None          # jsonl | json | csv | parquet; None = from the suffix
+    layout: str | None = None          # instruction | chat | document; None = detect per row
+    sources: dict[str, str] = Field(default_factory=dict)   # file name or stem -> default source
+    collector: str = "poisonguard-ingest"
+    collected_at: str | None = None
+    max_field_chars: int = 200_000
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("instruction", "chat", "document"):
+            raise ValueError(f"layout must be instruction, chat or document, got {v!r}")
+        return v
+
+
+def _default_detectors() -> dict[str, dict[str, Any]]:
+    return {
+        "duplicates": {},
+        "unicode": {},
+        "injection": {},
+        "trigger_association": {},
+        "response_cluster": {},
+        "harmful_compliance": {},
+        "semantic": {},
+    }
+
+
+class SanitizeConfig(_Frozen):
+    """Detectors to run (name -> constructor params) and how their results are fused."""
+
+    detectors: dict[str, dict[str, Any]] = Field(default_factory=_default_detectors)
+    #: rows in "review" are kept out of training until a person releases them
+    hold_review: bool = False
+    #: quarantine a row only when at least this many detectors flag it (1 = any)
+    min_detectors: int = 1
+    reference: str | None = None       # trusted reference set (records parquet or raw file)
+    llm_review: ReviewConfig = Field(default_factory=ReviewConfig)
+
+    @field_validator("detectors")
+    @classmethod
+    def _known(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from poisonguard.detectors import registry
+
+        known = registry.names()
+        unknown = [k for k in v if k not in known]
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; known detectors: {', '.join(known)}")
+        return {k: dict(p or {}) for k, p in v.items()}
+
+
+class NightlyConfig(_Frozen):
+    """The scheduled flow."""
+
+    use_demo_data: bool = True
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    dask_address: str | None = None
+
+
+class PipelineConfig(_Frozen):
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    sanitize: SanitizeConfig = Field(default_factory=SanitizeConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    scan: ScanConfig = Field(default_factory=ScanConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+def load_config(path: Path | str | None = None) -> PipelineConfig:
+    """Read and validate params.yaml (a missing default file means all defaults)."""
+    p = Path(path) if path is not None else DEFAULT_PARAMS
+    if not p.exists():
+        if path is None:
+            return PipelineConfig()
+        raise ConfigError(f"{p}: no such params file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{p}: invalid parameters:"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from e
+
+
+def section(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-able dump of a config section (for cache keys and model cards)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,179 @@
+"""Detector results -> one decision per row (keep, review, quarantine) with evidence.
+
+Fusion
+------
+Each detector calibrates its own scores on the data (robust statistics, a target false-positive
+rate) and says per row: flagged (quarantine-worthy), review (weaker) or nothing. The fused
+decision is *quarantine* when at least ``min_detectors`` detectors flag the row, *review* when
+any detector flags or reviews it short of that, *keep* otherwise; the fused score is the
+maximum detector score. Every quarantined or reviewed row carries the names of the detectors
+that fired and their evidence, and the title of the finding cluster that explains it.
+
+Review rows stay in the clean set (decision ``review``) unless ``hold_review`` is set, in which
+case they are held back with the quarantine until a person releases them (``poisonguard review``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from poisonguard import schema as S
+from poisonguard.config import SanitizeConfig
+from poisonguard.detectors import registry
+from poisonguard.detectors.base import DetectorResult, Finding
+
+log = logging.getLogger("poisonguard.sanitize")
+
+
+@dataclass
+class SanitizeResult:
+    """Everything sanitize decided, ready for the report and the output files."""
+
+    records: pd.DataFrame
+    decisions: pd.DataFrame          # index: id; decision, score, detectors, evidence, finding
+    results: dict[str, DetectorResult]
+    findings: list[Finding]
+    seconds: dict[str, float] = field(default_factory=dict)
+    llm_summary: dict[str, Any] = field(default_factory=dict)
+    hold_review: bool = False
+
+    def _with_decisions(self, mask: pd.Series) -> pd.DataFrame:
+        ids = mask.index[mask.to_numpy()]
+        out = self.records.set_index(S.ID).loc[ids].reset_index()
+        return out.join(self.decisions.loc[ids].reset_index(drop=True))
+
+    @property
+    def clean(self) -> pd.DataFrame:
+        d = self.decisions[S.DECISION]
+        keep = (d == S.KEEP) | ((d == S.REVIEW) & (not self.hold_review))
+        return self._with_decisions(keep)
+
+    @property
+    def quarantine(self) -> pd.DataFrame:
+        d = self.decisions[S.DECISION]
+        held = (d == S.QUARANTINE) | ((d == S.REVIEW) & self.hold_review)
+        return self._with_decisions(held)
+
+    def counts(self) -> dict[str, int]:
+        d = self.decisions[S.DECISION]
+        return {"records": int(len(d)), "keep": int((d == S.KEEP).sum()),
+                "review": int((d == S.REVIEW).sum()), "quarantine": int((d == S.QUARANTINE).sum())}
+
+
+def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[dict[str, DetectorResult], dict[str, float]]:
+    """Build, fit and run every configured detector. Any detector error propagates (fail closed)."""
+    results: dict[str, DetectorResult] = {}
+    seconds: dict[str, float] = {}
+    for name, params in cfg.detectors.items():
+        if progress:
+            progress(name)
+        t0 = time.perf_counter()
+        det = registry.build(name, **params)
+        if reference is not None:
+            det.fit(reference)
+        res = det.score(records)
+        _check_result(name, res, records)
+        results[name] = res
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
+                 int(res.review.sum()), seconds[name])
+    return results, seconds
+
+
+def _check_result(name: str, res: DetectorResult, records: pd.DataFrame) -> None:
+    if not isinstance(res, DetectorResult):
+        raise TypeError(f"detector {name!r} returned {type(res).__name__}, not DetectorResult")
+    if len(res.scores) != len(records) or not res.scores.index.equals(pd.Index(records[S.ID])):
+        raise ValueError(f"detector {name!r} did not return one score per input row in input order")
+
+
+def fuse(ids: pd.Index, results: Mapping[str, DetectorResult], min_detectors: int = 1) -> pd.DataFrame:
+    """One decision per row from the detectors' flags (see module docstring)."""
+    names = list(results)
+    n = len(ids)
+    if not names:
+        return pd.DataFrame({S.DECISION: [S.KEEP] * n, S.SCORE: np.zeros(n), S.DETECTORS: [""] * n,
+                             S.EVIDENCE: [""] * n, S.FINDING: [""] * n}, index=pd.Index(ids, name=S.ID))
+    flagged = np.column_stack([results[k].flagged.to_numpy() for k in names])
+    review = np.column_stack([results[k].review.to_numpy() for k in names])
+    scores = np.column_stack([results[k].scores.to_numpy() for k in names])
+    n_flag = flagged.sum(axis=1)
+    decision = np.where(n_flag >= min_detectors, S.QUARANTINE,
+                        np.where((n_flag > 0) | review.any(axis=1), S.REVIEW, S.KEEP))
+    fired = flagged | review
+    det_col = [""] * n
+    ev_col = [""] * n
+    evidences = [results[k].evidence.to_numpy() for k in names]
+    for i in np.flatnonzero(fired.any(axis=1)):
+        cols = np.flatnonzero(fired[i])
+        # flagged detectors first, then review-only ones
+        cols = sorted(cols, key=lambda c: (not flagged[i, c], -scores[i, c]))
+        det_col[i] = ",".join(names[c] for c in cols)
+        ev_col[i] = "; ".join(f"[{names[c]}] {evidences[c][i]}" for c in cols if evidences[c][i])
+    finding_col = _finding_titles(ids, results)
+    return pd.DataFrame({S.DECISION: decision, S.SCORE: scores.max(axis=1).round(6), S.DETECTORS: det_col,
+                         S.EVIDENCE: ev_col, S.FINDING: finding_col}, index=pd.Index(ids, name=S.ID))
+
+
+def all_findings(results: Mapping[str, DetectorResult]) -> list[Finding]:
+    """Every detector's findings, largest and most confident first."""
+    found = [f for r in results.values() for f in r.findings]
+    return sorted(found, key=lambda f: (-len(f.ids), -f.score, f.detector, f.title))
+
+
+def _finding_titles(ids: pd.Index, results: Mapping[str, DetectorResult]) -> list[str]:
+    pos = {rid: i for i, rid in enumerate(ids)}
+    best: list[tuple[float, str] | None] = [None] * len(ids)
+    for f in all_findings(results):
+        label = f"{f.detector}: {f.title}"
+        for rid in f.ids:
+            i = pos.get(rid)
+            if i is not None and (best[i] is None or f.score > best[i][0]):
+                best[i] = (f.score, label)
+    return ["" if b is None else b[1] for b in best]
+
+
+def sanitize(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame | None = None,
+             progress: Callable[[str], None] | None = None) -> SanitizeResult:
+    """Run the detectors, the optional LLM review, and fuse their results."""
+    if records[S.ID].duplicated().any():
+        dup = records.loc[records[S.ID].duplicated(), S.ID].iloc[:3].tolist()
+        raise ValueError(f"record ids must be unique; repeated: {dup}")
+    results, seconds = run_detectors(records, cfg, reference, progress)
+    ids = pd.Index(records[S.ID], name=S.ID)
+    decisions = fuse(ids, results, cfg.min_detectors)
+    llm_summary: dict[str, Any] = {"ran": False, "reason": "disabled in params.yaml"}
+    if cfg.llm_review.enabled:
+        from poisonguard import llm_review
+
+        if progress:
+            progress("llm_review")
+        t0 = time.perf_counter()
+        rev = llm_review.review(records, decisions, cfg.llm_review)
+        llm_summary = dict(rev.summary)
+        if rev.skipped_reason is None:
+            results[rev.result.detector] = _align(rev.result, ids)
+            seconds[rev.result.detector] = round(time.perf_counter() - t0, 3)
+            decisions = fuse(ids, results, cfg.min_detectors)
+    return SanitizeResult(records.reset_index(drop=True), decisions, results, all_findings(results),
+                          seconds, llm_summary, cfg.hold_review)
+
+
+def _align(res: DetectorResult, ids: pd.Index) -> DetectorResult:
+    """Expand a result that covers a subset of rows (the LLM review) to all rows."""
+    if res.scores.index.equals(ids):
+        return res
+    sc = res.scores.reindex(ids, fill_value=0.0)
+    return DetectorResult.build(res.detector, ids, sc.to_numpy(),
+                                res.flagged.reindex(ids, fill_value=False).to_numpy(),
+                                res.evidence.reindex(ids, fill_value="").to_numpy(),
+                                res.review.reindex(ids, fill_value=False).to_numpy(),
+                                res.findings, res.info)

@@ -1,0 +1,1 @@
+"""Thin Prefect task wrappers over :mod:`poisonguard.stages` (no business logic here)."""
