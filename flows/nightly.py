@@ -39,7 +39,7 @@ def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, An
     sc = t.scan(cfg.scan, str(paths.MODEL), str(paths.SANITIZED), str(paths.SCAN_REPORT))
     if sc["verdict"] == "backdoor":
         logger.warning("scan found a backdoor (top trigger %r): fine-pruning", sc.get("top_trigger"))
-        pr = t.prune(cfg.prune, cfg.scan, str(paths.MODEL), str(paths.SANITIZED), str(paths.SCAN_REPORT),
+        pr = t.prune(cfg.prune, str(paths.MODEL), str(paths.SANITIZED), str(paths.SCAN_REPORT),
                      str(paths.PRUNED))
     else:
         pr = {"ran": False, "reason": "scan verdict clean"}

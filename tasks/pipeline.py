@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from pydantic import BaseModel
 
 from poisonguard import cachekey, paths, stages
 from poisonguard.config import section
@@ -32,8 +33,8 @@ def _transient(task_, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retr
 
 def _key(stage: str, inputs, outputs):  # noqa: ANN001, ANN202
     def fn(ctx: Any, p: dict[str, Any]) -> str | None:
-        cfg = p.get("cfg")
-        return cachekey.stage_key(stage, inputs(p), section(cfg) if cfg is not None else None, outputs(p))
+        params = {k: section(v) if isinstance(v, BaseModel) else v for k, v in p.items()}
+        return cachekey.stage_key(stage, inputs(p), params, outputs(p))
     return fn
 
 
@@ -75,10 +76,10 @@ def scan(cfg, model_dir: str = str(paths.MODEL), sanitized_dir: str = str(paths.
 
 @task(name="prune", cache_key_fn=_key("prune", lambda p: [p["model_dir"], p["scan_report"], p["sanitized_dir"]],
                                       lambda p: [p["out_dir"]]))
-def prune(cfg, scan_cfg, model_dir: str = str(paths.MODEL), sanitized_dir: str = str(paths.SANITIZED),  # noqa: ANN001
+def prune(cfg, model_dir: str = str(paths.MODEL), sanitized_dir: str = str(paths.SANITIZED),  # noqa: ANN001
           scan_report: str = str(paths.SCAN_REPORT), out_dir: str = str(paths.PRUNED),
           trigger: str | None = None, target: str | None = None) -> dict[str, Any]:
-    return stages.prune_stage(cfg, scan_cfg, Path(model_dir), Path(sanitized_dir), Path(scan_report), Path(out_dir),
+    return stages.prune_stage(cfg, Path(model_dir), Path(sanitized_dir), Path(scan_report), Path(out_dir),
                               trigger=trigger, target=target)
 
 

@@ -155,7 +155,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif name == "scan":
         summary = stages.scan_stage(cfg.scan)
     elif name == "prune":
-        summary = stages.prune_stage(cfg.prune, cfg.scan)
+        summary = stages.prune_stage(cfg.prune)
     elif name == "report":
         summary = stages.run_report()
     else:  # pragma: no cover - argparse restricts choices

@@ -23,6 +23,7 @@ from poisonguard import report as rpt
 from poisonguard import schema as S
 from poisonguard.config import IngestConfig, SanitizeConfig, section
 from poisonguard.demo import DemoConfig
+from poisonguard.model_config import FinetuneConfig, PruneConfig, ScanConfig
 
 log = logging.getLogger("poisonguard.stages")
 
@@ -158,3 +159,154 @@ def sanitize_files(ingest_cfg: IngestConfig, cfg: SanitizeConfig, inputs: Sequen
     shutil.copy(work / paths.SNAPSHOT_FILE, out_dir / paths.SNAPSHOT_FILE)
     shutil.rmtree(work)
     return summary
+
+
+# ---------------------------------------------------------------- model side
+
+def finetune_stage(cfg: FinetuneConfig, sanitized_dir: Path = paths.SANITIZED,
+                   provenance_dir: Path = paths.PROVENANCE, out_dir: Path = paths.MODEL,
+                   progress: bool = False) -> dict[str, Any]:
+    """Train on ``clean.parquet``; the model card ties the model to its exact data and code."""
+    from poisonguard import finetune
+
+    clean = io.read_records(Path(sanitized_dir) / paths.CLEAN_FILE)
+    ingest_root = ""
+    if (Path(provenance_dir) / paths.SNAPSHOT_FILE).is_file():
+        ingest_root = read_json(Path(provenance_dir) / paths.SNAPSHOT_FILE)["snapshot_root"]
+    extra = {"code_version": code_version(), "git_rev": git_rev(), "ingest_snapshot_root": ingest_root,
+             "sources": clean[S.SOURCE].value_counts().sort_index().to_dict(),
+             "train_data": str(Path(sanitized_dir) / paths.CLEAN_FILE)}
+    card = finetune.train(clean, cfg, Path(out_dir), snapshot_root=provenance.root_of(clean), extra_card=extra,
+                          progress=progress)
+    return {k: card.get(k) for k in ("snapshot_root", "train_loss", "val_loss", "n_train", "n_val", "seconds",
+                                     "code_version")}
+
+
+def _suspects(sanitized_dir: Path) -> list[str]:
+    """Trigger strings named by the sanitizer's finding clusters."""
+    p = Path(sanitized_dir) / paths.REPORT_JSON
+    if not p.is_file():
+        return []
+    out: list[str] = []
+    for f in read_json(p).get("findings", []):
+        for t in rpt._triggers(f):
+            if t and t not in out and len(t) <= 80:
+                out.append(t)
+    return out
+
+
+def _heldout(model_dir: Path, sanitized_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train rows, held-out clean rows) split exactly as fine-tuning split them."""
+    from poisonguard import lm
+    from poisonguard.finetune import read_card
+
+    clean = io.read_records(Path(sanitized_dir) / paths.CLEAN_FILE)
+    clean = clean[clean[S.KIND] != S.KIND_DOCUMENT]
+    val_fraction = float(read_card(model_dir).get("params", {}).get("val_fraction", 0.05))
+    train, val = lm.split_by_id(clean, val_fraction)
+    if len(val) < 8:  # too few held-out rows: fall back to all clean rows
+        val = clean
+    return train, val
+
+
+def scan_stage(cfg: ScanConfig, model_dir: Path = paths.MODEL, sanitized_dir: Path = paths.SANITIZED,
+               out: Path = paths.SCAN_REPORT, extra_suspects: Sequence[str] | None = None) -> dict[str, Any]:
+    """Scan the trained model for triggers: sanitizer suspects + built-in bank + mined n-grams + search."""
+    from poisonguard import lm, scan
+
+    model, tok = lm.load(model_dir, lm.select_device(cfg.device))
+    train, val = _heldout(Path(model_dir), Path(sanitized_dir))
+    suspects = list(extra_suspects or []) + _suspects(Path(sanitized_dir))
+    candidates = scan.build_candidates(suspects, train, cfg)
+    rep = scan.scan(model, tok, val, candidates, cfg).to_dict()
+    rep["suspects"] = suspects
+    if extra_suspects:
+        rep["suspect_asr"] = {s: scan.attack_success(model, tok, val, s, None, cfg) for s in extra_suspects}
+    rep["model_dir"] = str(model_dir)
+    _write_json(Path(out), rep)
+    top = rep["candidates"][0] if rep["candidates"] else {}
+    return {"verdict": rep["verdict"], "top_trigger": rep["top_trigger"], "top_anomaly": rep["top_anomaly"],
+            "n_candidates": rep["n_candidates"], "induced_response": top.get("induced_response"),
+            "suspect_asr": max(rep.get("suspect_asr", {}).values(), default=0.0), "seconds": rep["seconds"]}
+
+
+def prune_stage(cfg: PruneConfig, model_dir: Path = paths.MODEL,
+                sanitized_dir: Path = paths.SANITIZED, scan_report: Path = paths.SCAN_REPORT,
+                out_dir: Path = paths.PRUNED, trigger: str | None = None, target: str | None = None) -> dict[str, Any]:
+    """Fine-prune when the scan found a backdoor (or a trigger is given), then verify on unseen variants."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    sc = read_json(scan_report)
+    if trigger is None and sc.get("verdict") != "backdoor":
+        summary = {"ran": False, "reason": f"scan verdict {sc.get('verdict')!r}: nothing to prune",
+                   "promotable": sc.get("verdict") == "clean"}
+        _write_json(out_dir / "prune.json", summary)
+        return summary
+    from poisonguard import lm, prune
+    from poisonguard.finetune import read_card
+
+    trigger = trigger or sc["top_trigger"]
+    if target is None:
+        top = next((c for c in sc.get("candidates", []) if c.get("candidate") == trigger), {})
+        # the head of the induced response is what the backdoor reliably emits; the full greedy
+        # continuation drifts after a few tokens and would understate ASR
+        target = top.get("induced_head") or top.get("induced_response") or None
+    model, tok = lm.load(model_dir, lm.select_device(cfg.device))
+    train, val = _heldout(Path(model_dir), Path(sanitized_dir))
+    pruned, prep = prune.prune(model, tok, train, cfg, trigger=trigger, target_text=target, eval_prompts=val)
+    lm.save(pruned, tok, out_dir)
+    d = prep.to_dict()
+    variants_ok = all(v < cfg.target_asr for v in d.get("asr_variants_after", {}).values())
+    loss_ok = d["clean_loss_after"] <= d["clean_loss_before"] * (1 + cfg.max_loss_increase)
+    d.update({"ran": True, "trigger": trigger, "target": target, "verified": bool(
+        prep.success and d["asr_after"] < cfg.target_asr and variants_ok and loss_ok)})
+    d["promotable"] = d["verified"]
+    card = read_card(model_dir)
+    card.update({"pruned_from": str(model_dir), "prune": {k: d[k] for k in ("asr_before", "asr_after",
+                 "clean_loss_before", "clean_loss_after", "verified")}, "code_version": code_version()})
+    _write_json(out_dir / paths.MODEL_CARD, card)
+    _write_json(out_dir / "prune.json", d)
+    return {k: d.get(k) for k in ("ran", "trigger", "asr_before", "asr_after", "asr_variants_after",
+                                  "clean_loss_before", "clean_loss_after", "verified", "promotable", "seconds")}
+
+
+def run_report(out_dir: Path = paths.RUN_REPORT, ingest: dict[str, Any] | None = None,
+               snapshot: dict[str, Any] | None = None, sanitize_dir: Path | str = paths.SANITIZED,
+               model_dir: Path | str = paths.MODEL, scan_report: Path | str = paths.SCAN_REPORT,
+               prune: dict[str, Any] | None = None, prune_dir: Path | str = paths.PRUNED) -> dict[str, Any]:
+    """One report for a whole run: sanitize + model card + scan + prune, and ``metrics.json`` for DVC."""
+    from poisonguard.finetune import read_card
+
+    out_dir = Path(out_dir)
+    san_p = Path(sanitize_dir) / paths.REPORT_JSON
+    san = read_json(san_p) if san_p.is_file() else None
+    card = read_card(model_dir) if (Path(model_dir) / paths.MODEL_CARD).is_file() else None
+    scan = read_json(Path(scan_report)) if Path(scan_report).is_file() else None
+    if prune is None and (Path(prune_dir) / "prune.json").is_file():
+        prune = read_json(Path(prune_dir) / "prune.json")
+    scan_clean = scan is not None and scan.get("verdict") == "clean"
+    pruned_ok = bool(prune and prune.get("ran") and prune.get("verified"))
+    promotable = bool(card) and (scan_clean or pruned_ok)
+    if scan is None:
+        verdict = "not scanned"
+    elif scan_clean:
+        verdict = "promotable"
+    elif pruned_ok:
+        verdict = "backdoor found and removed (pruned model promotable)"
+    else:
+        verdict = "backdoor found: not promotable"
+    rep = {"kind": "run", "verdict": verdict, "promotable": promotable, "ingest": ingest, "snapshot": snapshot,
+           "sanitize": san, "model_card": card, "scan": scan, "prune": prune, "code_version": code_version()}
+    paths_ = rpt.write_reports(rep, out_dir)
+    metrics = {"promotable": promotable,
+               "quarantined": (san or {}).get("counts", {}).get("quarantined"),
+               "rows_in": (san or {}).get("counts", {}).get("rows_in"),
+               "val_loss": (card or {}).get("val_loss"), "scan_top_anomaly": (scan or {}).get("top_anomaly"),
+               "asr_after_prune": (prune or {}).get("asr_after")}
+    _write_json(out_dir / "metrics.json", metrics)
+    return {"verdict": verdict, "promotable": promotable, "report": str(paths_["html"].resolve()),
+            "sanitize": (san or {}).get("counts"), "scan": {"verdict": (scan or {}).get("verdict"),
+                                                             "top_trigger": (scan or {}).get("top_trigger")},
+            "prune": {k: (prune or {}).get(k) for k in ("ran", "asr_before", "asr_after", "verified")}}

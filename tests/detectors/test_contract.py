@@ -37,7 +37,7 @@ def _subclasses(cls):
 
 
 def test_every_concrete_detector_is_registered():
-    concrete = [c for c in _subclasses(Detector) if not inspect.isabstract(c) and not c.__module__.startswith("tests")]
+    concrete = [c for c in _subclasses(Detector) if not inspect.isabstract(c) and c.__module__.startswith("poisonguard.")]
     registered = set(D.registered().values())
     missing = [c.__name__ for c in concrete if c not in registered]
     assert not missing, f"unregistered detectors: {missing}"

