@@ -280,6 +280,10 @@ def run_report(out_dir: Path = paths.RUN_REPORT, ingest: dict[str, Any] | None =
     from poisonguard.finetune import read_card
 
     out_dir = Path(out_dir)
+    if ingest is None and (paths.INGESTED / "ingest.json").is_file():
+        ingest = read_json(paths.INGESTED / "ingest.json")
+    if snapshot is None and (paths.PROVENANCE / paths.SNAPSHOT_FILE).is_file():
+        snapshot = read_json(paths.PROVENANCE / paths.SNAPSHOT_FILE)
     san_p = Path(sanitize_dir) / paths.REPORT_JSON
     san = read_json(san_p) if san_p.is_file() else None
     card = read_card(model_dir) if (Path(model_dir) / paths.MODEL_CARD).is_file() else None
