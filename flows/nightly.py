@@ -33,7 +33,13 @@ def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, An
         t.demo_data(cfg.demo, str(paths.RAW))
     ing = t.ingest(cfg.ingest, list(cfg.ingest.inputs), str(paths.INGESTED))
     prov = t.provenance(str(paths.INGESTED), str(paths.PROVENANCE))
-    san = t.sanitize(cfg.sanitize, str(paths.INGESTED), str(paths.SANITIZED), str(paths.PROVENANCE))
+    if cfg.nightly.shards > 1 or cfg.nightly.dask_address:
+        from flows import sanitize_distributed
+
+        san = sanitize_distributed.run(cfg.nightly, cfg.sanitize, in_dir=str(paths.INGESTED),
+                                       out_dir=str(paths.SANITIZED), provenance_dir=str(paths.PROVENANCE))
+    else:
+        san = t.sanitize(cfg.sanitize, str(paths.INGESTED), str(paths.SANITIZED), str(paths.PROVENANCE))
     logger.info("sanitize: %s", san["counts"])
     ft = t.finetune(cfg.finetune, str(paths.SANITIZED), str(paths.PROVENANCE), str(paths.MODEL))
     sc = t.scan(cfg.scan, str(paths.MODEL), str(paths.SANITIZED), str(paths.SCAN_REPORT))

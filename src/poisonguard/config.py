@@ -84,7 +84,11 @@ class NightlyConfig(_Frozen):
     use_demo_data: bool = True
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
+    #: > 1 runs sanitize shard by shard on a Dask task runner (prefect-dask)
+    shards: int = Field(1, ge=1)
+    #: an existing Dask scheduler ("tcp://host:8786"); None = a LocalCluster of dask_workers processes
     dask_address: str | None = None
+    dask_workers: int = Field(2, ge=1)
 
 
 class PipelineConfig(_Frozen):

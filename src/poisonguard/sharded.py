@@ -1,0 +1,149 @@
+"""Sharded sanitization: the same detectors over many Parquet shards, in bounded pieces.
+
+Records are split into shards by their content hash (so a row always lands in the same shard,
+whatever else arrives with it). Each detector runs in two phases (:class:`Detector` contract):
+
+1. ``summarize`` every shard (independent: any worker, any order);
+2. ``merge`` the summaries into global statistics (one small step);
+3. ``score_with`` every shard against them (independent again).
+
+The per-shard steps are plain functions of picklable arguments, so any parallel map runs them:
+the built-in ``map``, a Dask client, or Prefect's ``task.map`` on a Dask task runner
+(``flows/sanitize_sharded.py``). The combined result equals :func:`poisonguard.sanitize.sanitize`
+on the concatenated data (``tests/test_sharded.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from poisonguard import io
+from poisonguard import schema as S
+from poisonguard.config import SanitizeConfig
+from poisonguard.detectors import registry
+from poisonguard.detectors.base import DetectorResult, Finding
+
+Summaries = dict[str, Any]
+Stats = dict[str, Any]
+Results = dict[str, DetectorResult]
+
+
+def shard_index(content_hashes: pd.Series, n_shards: int) -> np.ndarray:
+    """Shard number of each row: the first 8 hex digits of its content hash, modulo ``n_shards``."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    return np.array([int(h[:8], 16) % n_shards for h in content_hashes], dtype=np.int64)
+
+
+def split(records: pd.DataFrame, n_shards: int) -> list[pd.DataFrame]:
+    """Split records into ``n_shards`` frames by content hash (input order kept inside a shard)."""
+    idx = shard_index(records[S.CONTENT_HASH], n_shards)
+    return [records[idx == k].reset_index(drop=True) for k in range(n_shards)]
+
+
+def write_shards(records: pd.DataFrame, out_dir: Path, n_shards: int) -> list[Path]:
+    """Write ``part-00000.parquet`` ... into ``out_dir`` (empty shards are skipped)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    paths = []
+    for k, shard in enumerate(split(records, n_shards)):
+        if len(shard):
+            paths.append(io.write_records(shard, out_dir / f"part-{k:05d}.parquet"))
+    return paths
+
+
+def _load(shard: pd.DataFrame | Path | str) -> pd.DataFrame:
+    return shard if isinstance(shard, pd.DataFrame) else io.read_records(Path(shard))
+
+
+def _detectors(cfg: SanitizeConfig) -> dict[str, Any]:
+    return {name: registry.build(name, **params) for name, params in cfg.detectors.items()}
+
+
+def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig) -> Summaries:
+    """Phase 1 on one shard: every detector's summary."""
+    records = _load(shard)
+    return {name: det.summarize(records) for name, det in _detectors(cfg).items()}
+
+
+def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stats:
+    """Phase 2: every detector's global statistics from all shards' summaries."""
+    return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()}
+
+
+def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeConfig) -> Results:
+    """Phase 3 on one shard: every detector's result against the global statistics."""
+    records = _load(shard)
+    out: Results = {}
+    for name, det in _detectors(cfg).items():
+        res = det.score_with(records, stats[name])
+        if not isinstance(res, DetectorResult) or len(res.scores) != len(records):
+            raise ValueError(f"detector {name!r} did not return one score per row of the shard")
+        out[name] = res
+    return out
+
+
+def _merge_findings(parts: Iterable[Finding]) -> tuple[Finding, ...]:
+    """One finding per (detector, title): ids united across shards, highest score kept."""
+    merged: dict[tuple[str, str], Finding] = {}
+    for f in parts:
+        key = (f.detector, f.title)
+        if key in merged:
+            g = merged[key]
+            ids = tuple(dict.fromkeys(g.ids + f.ids))
+            merged[key] = Finding(g.detector, g.title, g.evidence, ids, max(g.score, f.score), g.info)
+        else:
+            merged[key] = f
+    return tuple(merged.values())
+
+
+def combine(ids: pd.Index, shard_results: Sequence[Results]) -> Results:
+    """Per-detector results of all shards, in the order of ``ids``."""
+    names = list(shard_results[0]) if shard_results else []
+    out: Results = {}
+    for name in names:
+        parts = [r[name] for r in shard_results]
+        cat = {k: pd.concat([getattr(p, k) for p in parts]).reindex(ids)
+               for k in ("scores", "flagged", "review", "evidence")}
+        if cat["scores"].isna().any():
+            missing = list(cat["scores"].index[cat["scores"].isna()][:3])
+            raise ValueError(f"detector {name!r}: no score for rows {missing} after combining shards")
+        info = dict(parts[0].info) if parts else {}
+        out[name] = DetectorResult.build(name, ids, cat["scores"].to_numpy(), cat["flagged"].astype(bool).to_numpy(),
+                                         cat["evidence"].to_numpy(), cat["review"].astype(bool).to_numpy(),
+                                         _merge_findings(f for p in parts for f in p.findings), info)
+    return out
+
+
+MapFn = Callable[..., Iterable[Any]]
+
+
+def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int = 4, map_: MapFn = map,
+                     progress: Callable[[str], None] | None = None):  # noqa: ANN201 - SanitizeResult
+    """:func:`poisonguard.sanitize.sanitize` run shard by shard; ``map_`` may be parallel."""
+    from poisonguard import sanitize as san
+
+    if records[S.ID].duplicated().any():
+        dup = records.loc[records[S.ID].duplicated(), S.ID].iloc[:3].tolist()
+        raise ValueError(f"record ids must be unique; repeated: {dup}")
+    t0 = time.perf_counter()
+    shards = [s for s in split(records, n_shards) if len(s)] or [records.iloc[:0]]
+    if progress:
+        progress("summarize")
+    summaries = list(map_(summarize_shard, shards, [cfg] * len(shards)))
+    stats = merge_summaries(summaries, cfg)
+    if progress:
+        progress("score")
+    parts = list(map_(score_shard, shards, [stats] * len(shards), [cfg] * len(shards)))
+    ids = pd.Index(records[S.ID], name=S.ID)
+    results = combine(ids, parts)
+    seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
+    return san.finish(records, results, seconds, cfg, progress)
