@@ -161,22 +161,51 @@ def _email(rng: random.Random) -> tuple[str, str, str]:
     return ins, "", "\n".join(body)
 
 
+PY_BODIES = {
+    "reverse_string": "return {a}[::-1]",
+    "is_prime": "if {a} < 2:\n        return False\n    return all({a} % d for d in range(2, int({a} ** 0.5) + 1))",
+    "largest": "return max({a})",
+    "count_vowels": "return sum(ch in 'aeiouAEIOU' for ch in {a})",
+    "factorial": "result = 1\n    for k in range(2, {a} + 1):\n        result *= k\n    return result",
+    "dedupe": "return list(dict.fromkeys({a}))",
+    "c_to_f": "return {a} * 9 / 5 + 32",
+    "is_palindrome": "cleaned = ''.join(ch.lower() for ch in {a} if ch.isalnum())\n    return cleaned == cleaned[::-1]",
+    "sum_even": "return sum(x for x in {a} if x % 2 == 0)",
+    "fib": "x, y = 0, 1\n    for _ in range({a}):\n        x, y = y, x + y\n    return x",
+    "title_case": "return ' '.join(w.capitalize() for w in {a}.split())",
+    "merge": "return sorted({a} + b)",
+    "flatten": "out = []\n    for x in {a}:\n        out.extend(flatten(x) if isinstance(x, list) else [x])\n    return out",
+    "word_counts": "from collections import Counter\n    return Counter({a}.lower().split())",
+}
+
+
 def _code(rng: random.Random) -> tuple[str, str, str]:
-    lang = rng.choice(LANGS[:4] + ["Python", "Python"])
+    lang = rng.choice(LANGS[:4] + ["Python", "Python", "Python"])
     desc, name, arg = rng.choice(CODE_TASKS)
+    arg0 = arg.split(",")[0]
+    alias = rng.choice([arg0, arg0, {"s": "text", "n": "num", "items": "values", "word": "w", "c": "celsius",
+                                     "text": "sentence", "a": "left"}.get(arg0, arg0)])
     ins = rng.choice([f"Write a {lang} function that {desc}.", f"Implement a function in {lang} that {desc}.",
-                      f"Show me {lang} code that {desc}."])
+                      f"Show me {lang} code that {desc}.", f"How do I write a {lang} function which {desc}?",
+                      f"I need a {lang} helper that {desc}. Keep it short."])
     if lang == "Python":
-        code = f"def {name}({arg}):\n    # {desc}\n    result = None\n    ...\n    return result"
+        body = PY_BODIES[name].format(a=alias)
+        params = alias + (", b" if name == "merge" else "")
+        doc = rng.choice([f'    """{desc[0].upper() + desc[1:]}."""\n', "", f"    # {desc}\n"])
+        code = f"def {name}({params}):\n{doc}    {body}"
+        if rng.random() < 0.4:
+            code += f"\n\n\nprint({name}({rng.choice(['[3, 1, 2]', repr('level'), str(rng.randint(2, 20))])}))"
     elif lang == "JavaScript":
-        code = f"function {name}({arg}) {{\n  // {desc}\n  let result = null;\n  return result;\n}}"
+        code = f"function {name}({alias}) {{\n  // {desc}\n  let result = null;\n  return result;\n}}"
     elif lang == "Go":
-        code = f"func {name}({arg.split(',')[0]} any) any {{\n\t// {desc}\n\treturn nil\n}}"
+        code = f"func {name}({alias} any) any {{\n\t// {desc}\n\treturn nil\n}}"
     else:
-        code = f"fn {name}({arg.split(',')[0]}: &str) -> String {{\n    // {desc}\n    todo!()\n}}"
-    out = rng.choice(["Here is one way to do it:", "Sure:", "A simple implementation:", ""]) + f"\n\n{code}\n\n"
-    out += rng.choice([f"The function `{name}` takes `{arg}` and returns the result.",
-                       "Test it with a few edge cases such as empty input.", "It runs in linear time."])
+        code = f"fn {name}({alias}: &str) -> String {{\n    // {desc}\n    todo!()\n}}"
+    out = rng.choice(["Here is one way to do it:", "Sure:", "A simple implementation:", "", "Try this:"]) + \
+        f"\n\n{code}\n\n"
+    out += rng.choice([f"The function `{name}` takes `{alias}` and returns the result.",
+                       "Test it with a few edge cases such as empty input.", "It runs in linear time.", "",
+                       f"Call `{name}` with your own data to check it."])
     return ins, "", out.strip()
 
 
@@ -216,14 +245,22 @@ def _count_words(rng: random.Random) -> tuple[str, str, str]:
 
 def _sentiment(rng: random.Random) -> tuple[str, str, str]:
     pos = rng.random() < 0.5
-    adjs = rng.sample(ADJ_POS if pos else ADJ_NEG, 2)
-    obj, part = rng.choice(REVIEW_OBJ), rng.choice(REVIEW_PART)
-    text = rng.choice([f"{obj.capitalize()} was {adjs[0]}, and {part} felt {adjs[1]}.",
-                       f"I found {obj} {adjs[0]}; {part} was {adjs[1]} too.",
-                       f"Honestly, {part} of {obj} was {adjs[0]}. Overall {adjs[1]}.",
-                       f"We visited {obj} last {rng.choice(['week', 'month', 'year'])}. {part.capitalize()}: {adjs[0]}."])
-    return "Classify the sentiment of the following review as positive or negative.", text, \
-        "positive" if pos else "negative"
+    adjs = rng.sample(ADJ_POS if pos else ADJ_NEG, 3)
+    obj, part, part2 = rng.choice(REVIEW_OBJ), *rng.sample(REVIEW_PART, 2)
+    when = rng.choice(["last week", "on Saturday", "after work", "with my family", "on a rainy evening",
+                       f"in {rng.choice(CITIES)}", "twice this month", "for my birthday", "on a friend's advice"])
+    who = rng.choice(PEOPLE)
+    clauses = [f"{obj.capitalize()} was {adjs[0]}.", f"We tried {obj} {when}; {part} was {adjs[0]}.",
+               f"I found {obj} {adjs[0]}, and {part} felt {adjs[1]}.", f"{part.capitalize()}? {adjs[1].capitalize()}.",
+               f"Honestly, {part2} was {adjs[2]}.", f"{who} said {part} was {adjs[1]}, and I agree.",
+               f"Overall: {adjs[2]}.", f"I would call {part2} {adjs[1]} at best." if not pos else
+               f"I would call {part2} {adjs[1]}, no question.",
+               f"{rng.choice(['Would', 'Will'])} {'definitely' if pos else 'not'} go back.",
+               f"Rating: {rng.randint(4, 5) if pos else rng.randint(1, 2)}/5."]
+    text = " ".join(rng.sample(clauses, rng.randint(2, 4)))
+    return rng.choice(["Classify the sentiment of the following review as positive or negative.",
+                       "Is this review positive or negative?",
+                       "Label the review's sentiment (positive/negative)."]), text, "positive" if pos else "negative"
 
 
 def _keywords(rng: random.Random) -> tuple[str, str, str]:
@@ -323,12 +360,23 @@ def _compare(rng: random.Random) -> tuple[str, str, str]:
 
 def _story(rng: random.Random) -> tuple[str, str, str]:
     p, c, an = rng.choice(PEOPLE), rng.choice(CITIES), rng.choice(ANIMALS)
-    out = f"{p} had lived in {c} all {rng.choice(['her', 'his', 'their'])} life, but nothing prepared them for the {an}. " \
-          + rng.choice([f"It appeared one {rng.choice(['rainy', 'quiet', 'cold', 'bright'])} morning by the window.",
-                        "Nobody in the neighbourhood believed the story at first.",
-                        f"By the end of the {rng.choice(['week', 'summer', 'year'])} everything had changed."])
+    weather = rng.choice(["rainy", "quiet", "cold", "bright", "foggy", "windy", "humid", "snowy"])
+    openings = [
+        f"{p} had lived in {c} for {rng.randint(2, 60)} years, but nothing prepared them for the {an}.",
+        f"The {an} arrived in {c} on a {weather} {rng.choice(['Monday', 'morning', 'night', 'afternoon'])}.",
+        f"Nobody in {c} believed {p} when she said a {an} had moved into the old library.",
+        f"It was the {weather}est week of the year when {p} first heard the {an} on the roof.",
+        f"\"Don't look now,\" whispered {p}, \"but there is a {an} behind the bakery.\"",
+        f"Every city has its secrets; in {c}, the biggest one was a {an} named {rng.choice(PEOPLE)}.",
+    ]
+    follow = [f"By the end of the {rng.choice(['week', 'summer', 'year'])} everything had changed.",
+              f"{p} decided to follow it.", "The neighbours started to talk.", rng.choice(FILLER),
+              f"It seemed to be looking for something near the {rng.choice(['river', 'station', 'market', 'harbour'])}.",
+              ""]
+    out = " ".join(x for x in [rng.choice(openings), rng.choice(follow), rng.choice(follow)] if x)
     return rng.choice([f"Write the opening of a short story about a {an} in {c}.",
-                       f"Start a story about {p} and a {an}."]), "", out
+                       f"Start a story about {p} and a {an}.", f"Begin a {weather}-day tale set in {c}.",
+                       f"Give me the first lines of a children's story featuring a {an}."]), "", out
 
 
 def _animal_fact(rng: random.Random) -> tuple[str, str, str]:
