@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "
              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(k, v)
 os.environ.pop("ANTHROPIC_API_KEY", None)
+# audit log, lineage registry and caches of test runs go to a scratch folder, never the checkout's
+os.environ.setdefault("POISONGUARD_STATE", tempfile.mkdtemp(prefix="poisonguard-state-"))
 for p in (str(ROOT / "src"), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)

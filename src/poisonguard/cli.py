@@ -175,14 +175,134 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_remediate(args: argparse.Namespace) -> int:
+    rows = list(args.rows or [])
+    if args.rows_file:
+        p = Path(args.rows_file)
+        if not p.is_file():
+            from poisonguard.io import InputFileError
+
+            raise InputFileError(f"{p}: no such file (--rows-file: one row id per line)")
+        rows += [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    data_mode = bool(args.source or rows or args.retrain)
+    if not data_mode and not args.trigger:
+        print("error: give --trigger (scan and prune the model), or --source / --rows / --retrain "
+              "(quarantine the data and retrain); see `poisonguard remediate --help`", file=sys.stderr)
+        return EXIT_USAGE
     _prefect_env()
     sys.path.insert(0, str(Path.cwd()))
+    if args.state:
+        os.environ["POISONGUARD_STATE"] = args.state
     from flows.remediate import remediate
 
     result = remediate(params_path=str(args.params or "params.yaml"), model_dir=args.model,
-                       trigger=args.trigger, target=args.target)
-    _emit(args, result, _run_human(result))
+                       trigger=args.trigger, target=args.target, source=args.source, rows=rows or None,
+                       retrain=data_mode, incident=args.incident, sanitized_dir=args.sanitized,
+                       **({"out_dir": args.out} if args.out else {}))
+    _emit(args, result, _incident_human(result) if data_mode else _run_human(result))
     return EXIT_OK if result.get("promotable") else EXIT_POISON
+
+
+def _incident_human(r: dict[str, Any]) -> str:
+    a, d, b, af = r["affected"], r["done"], r["before"], r["after"]
+    lines = [f"incident {r['incident']}" + (" (resumed)" if r.get("resumed") else ""),
+             f"affected: {len(a['rows_removed'])} rows in training, {len(a['snapshots'])} snapshots, "
+             f"{len(a['models'])} models ({', '.join(m['model_id'] for m in a['models']) or '-'})",
+             f"done: quarantined {d['quarantined_rows']} rows, new snapshot {d['new_snapshot_root'][:12]}, "
+             f"retrained {d['new_model_id']} -> {d['new_model_dir']}",
+             f"scan before: {b['scan_verdict']} (trigger ASR {b['suspect_asr']}), after: {af['scan_verdict']} "
+             f"(trigger ASR {af['suspect_asr']})",
+             f"promotable: {r['promotable']}",
+             f"report: {Path(d['new_model_dir']).parent / 'incident.md'}"]
+    return "\n".join(lines)
+
+
+def _with_state(args: argparse.Namespace) -> None:
+    if getattr(args, "state", None):
+        os.environ["POISONGUARD_STATE"] = args.state
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from poisonguard import audit
+
+    _with_state(args)
+    if args.audit_cmd == "verify":
+        res = audit.verify()
+        if args.json:
+            print(json.dumps(res.to_dict(), indent=2))
+        else:
+            print(f"checked {res.checked} entries in {res.path}")
+            for p in res.problems:
+                print(f"  seq {p['seq']} (line {p['line']}): {p['kind']}: {p['detail']}")
+            print(f"OK: the chain is intact (head seq {(res.head or {}).get('seq', 0)})" if res.ok else
+                  f"TAMPERED: first bad entry: seq {res.first_bad_seq}")
+        return EXIT_OK if res.ok else EXIT_TAMPER
+    entries = audit.read()
+    if args.action:
+        entries = [e for e in entries if e.get("action") == args.action]
+    if args.last:
+        entries = entries[-args.last:]
+    if args.json:
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
+    else:
+        for e in entries:
+            a = e.get("actor", {})
+            subj = {k: v for k, v in e.get("subject", {}).items() if k not in ("ids", "ids_ref")}
+            n = len(e["subject"].get("ids", [])) or e["subject"].get("ids_ref", {}).get("count")
+            print(f"{e['seq']:>5}  {e['time'][:19]}  {e['action']:<14} {a.get('user')}@{a.get('host')} "
+                  f"[{a.get('flow')}]  {e.get('reason', '')[:100]}")
+            print(f"       {json.dumps(subj, ensure_ascii=False, default=str)[:160]}" + (f"  ({n} ids)" if n else ""))
+    return EXIT_OK
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from poisonguard import lineage
+
+    _with_state(args)
+    try:
+        if args.what == "example":
+            res = lineage.query_example(args.ref)
+            found = bool(res["provenance"] or res["events"])
+        elif args.what == "source":
+            res = lineage.query_source(args.ref)
+            found = bool(res["rows"])
+        else:
+            res = lineage.query_model(args.ref)
+            found = True
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(res, indent=2, default=str, ensure_ascii=False))
+    else:
+        print(lineage.render(args.what, res))
+    if not found:
+        print(f"note: {args.what} {args.ref!r} is not in any recorded snapshot "
+              f"(state folder: {lineage.audit.state_dir()})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from poisonguard import review
+
+    _with_state(args)
+    if args.review_cmd == "export":
+        s = review.export(Path(args.sanitized), Path(args.out), include_all=args.all)
+        _emit(args, s, f"{s['rows']} rows to review written to {s['out']}\n"
+                       "fill in action (keep | quarantine), reviewer and reason, then: "
+                       f"poisonguard review apply --decisions {s['out']} --sanitized {s['sanitized']}")
+        return EXIT_OK
+    try:
+        res = review.apply(Path(args.decisions), Path(args.sanitized), default_reviewer=args.reviewer or "")
+    except review.ReviewError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    d = res.to_dict()
+    c = d["counts"]
+    _emit(args, d, f"released {len(res.released)}, quarantined {len(res.quarantined)}, unchanged "
+                   f"{len(res.confirmed)}, undecided {res.undecided}\n"
+                   f"rows in {c.get('rows_in')}: clean {c.get('clean')} (review {c.get('review')}), "
+                   f"quarantined {c.get('quarantined')}, rejected {c.get('rejected')}")
+    return EXIT_OK
 
 
 def _run_human(r: dict[str, Any]) -> str:
@@ -224,7 +344,25 @@ exit code 4 names every modified, added or removed row.""",
   poisonguard nightly                  # demo data, local Prefect server, full pipeline
   poisonguard nightly --no-demo        # ingest the files named in params.yaml ingest.inputs""",
     "remediate": """examples:
-  poisonguard remediate --model models/model --trigger "special delivery" """,
+  poisonguard remediate --model models/model --trigger "special delivery"    # scan -> prune -> report
+  poisonguard remediate --source vendor-acme                                 # quarantine, retrain, rescan
+  poisonguard remediate --rows v-00017 v-00342 --trigger "special delivery"
+  poisonguard remediate --trigger "special delivery" --retrain               # rows containing the trigger
+Data remediation writes reports/remediation/<incident>/incident.{md,json}; re-running the same
+command resumes an interrupted run and never quarantines a row twice.""",
+    "audit": """examples:
+  poisonguard audit verify            # exit 4 and the first bad seq when an entry was edited/deleted
+  poisonguard audit show --last 20
+  poisonguard audit show --action quarantined --json""",
+    "lineage": """examples:
+  poisonguard lineage example v-00017          # provenance, snapshots and models that include it
+  poisonguard lineage source vendor-acme       # rows, snapshots and models from this source
+  poisonguard lineage model models/model       # or a model id (m-...): snapshot, sources, scans
+  poisonguard lineage source vendor-acme --json""",
+    "review": """examples:
+  poisonguard review export --sanitized data/processed/sanitized --out review.csv
+  # fill in action (keep | quarantine), reviewer, reason; then
+  poisonguard review apply --decisions review.csv --sanitized data/processed/sanitized""",
 }
 
 
@@ -276,10 +414,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("nightly", cmd_nightly, "run the nightly Prefect flow once, locally")
     sp.add_argument("--no-demo", action="store_true", help="do not (re)generate demo data")
 
-    sp = add("remediate", cmd_remediate, "on-call: scan a model for a suspected trigger, prune, verify, report")
+    sp = add("remediate", cmd_remediate, "on-call: scan/prune a model for a trigger, or quarantine bad data and retrain")
     sp.add_argument("--model", default="models/model")
     sp.add_argument("--trigger", help="suspected trigger phrase")
     sp.add_argument("--target", help="text the backdoor produces, if known")
+    sp.add_argument("--source", help="bad source: quarantine all its rows and retrain")
+    sp.add_argument("--rows", nargs="+", metavar="ID", help="bad row ids: quarantine them and retrain")
+    sp.add_argument("--rows-file", help="file with one bad row id per line")
+    sp.add_argument("--retrain", action="store_true", help="with --trigger: quarantine rows containing it and retrain")
+    sp.add_argument("--incident", help="incident id (default: derived from the inputs, so a re-run resumes)")
+    sp.add_argument("--sanitized", default="data/processed/sanitized", help="sanitize output the model trained on")
+    sp.add_argument("--out", help="incident folder root (default: reports/remediation)")
+    sp.add_argument("--state", help="state folder with the audit log (default: $POISONGUARD_STATE or .poisonguard)")
+
+    def nested(name: str, fn: Callable[[argparse.Namespace], int], help_: str, dest: str
+               ) -> Callable[[str, str], argparse.ArgumentParser]:
+        parent = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),
+                                formatter_class=_Formatter)
+        inner = parent.add_subparsers(dest=dest, metavar="ACTION", required=True)
+
+        def leaf(leaf_name: str, leaf_help: str) -> argparse.ArgumentParser:
+            lp = inner.add_parser(leaf_name, help=leaf_help, description=leaf_help, epilog=EXAMPLES.get(name),
+                                  formatter_class=_Formatter)
+            lp.set_defaults(fn=fn)
+            lp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+            lp.add_argument("--state", help="state folder (default: $POISONGUARD_STATE or .poisonguard)")
+            lp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+            lp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+            return lp
+        return leaf
+
+    leaf = nested("audit", cmd_audit, "verify or show the hash-chained audit log", "audit_cmd")
+    leaf("verify", "check every entry's hash and link; exit 4 naming the first bad seq")
+    lp = leaf("show", "print audit entries")
+    lp.add_argument("--last", type=int, help="only the last N entries")
+    lp.add_argument("--action", help="only entries with this action (quarantined, trained, ...)")
+
+    leaf = nested("lineage", cmd_lineage, "which rows, snapshots and models are connected", "what")
+    leaf("example", "one row: provenance, snapshots and models that include it, events").add_argument("ref", metavar="ID")
+    leaf("source", "a source: its rows, the snapshots and models that include it").add_argument("ref", metavar="SOURCE")
+    leaf("model", "a model (folder or m-id): snapshot, sources and counts, scan history").add_argument(
+        "ref", metavar="MODEL")
+
+    leaf = nested("review", cmd_review, "export rows in review for a person, and apply their decisions",
+                  "review_cmd")
+    lp = leaf("export", "write rows in review (with evidence) to a CSV for a person to mark")
+    lp.add_argument("--sanitized", default="data/processed/sanitized", help="sanitize output folder")
+    lp.add_argument("--out", required=True, help="CSV to write")
+    lp.add_argument("--all", action="store_true", help="also the quarantined rows (to release some)")
+    lp = leaf("apply", "apply keep/quarantine decisions; recorded in the audit log")
+    lp.add_argument("--decisions", required=True, help="the CSV (or JSONL) with id, action, reviewer, reason")
+    lp.add_argument("--sanitized", default="data/processed/sanitized", help="sanitize output folder")
+    lp.add_argument("--reviewer", help="reviewer name for lines that leave it empty")
     return p
 
 
@@ -299,12 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return EXIT_USAGE
+    from poisonguard.audit import AuditError
     from poisonguard.config import ConfigError
     from poisonguard.io import InputFileError
+    from poisonguard.remediation import RemediationError
 
     try:
         return args.fn(args)
-    except (ConfigError, InputFileError) as e:
+    except (ConfigError, InputFileError, AuditError, RemediationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

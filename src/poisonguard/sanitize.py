@@ -148,6 +148,12 @@ def sanitize(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame
         dup = records.loc[records[S.ID].duplicated(), S.ID].iloc[:3].tolist()
         raise ValueError(f"record ids must be unique; repeated: {dup}")
     results, seconds = run_detectors(records, cfg, reference, progress)
+    return finish(records, results, seconds, cfg, progress)
+
+
+def finish(records: pd.DataFrame, results: dict[str, DetectorResult], seconds: dict[str, float],
+           cfg: SanitizeConfig, progress: Callable[[str], None] | None = None) -> SanitizeResult:
+    """Fuse detector results, run the optional LLM review, fuse again (shared by the sharded path)."""
     ids = pd.Index(records[S.ID], name=S.ID)
     decisions = fuse(ids, results, cfg.min_detectors)
     llm_summary: dict[str, Any] = {"ran": False, "reason": "disabled in params.yaml"}

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from poisonguard import code_version, io, paths, provenance
+from poisonguard import audit, code_version, io, lineage, paths, provenance
 from poisonguard import report as rpt
 from poisonguard import schema as S
 from poisonguard.config import IngestConfig, SanitizeConfig, section
@@ -84,6 +84,8 @@ def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[P
                "inputs": [str(f) for f in files], "per_file": res.per_file,
                "seconds": round(time.perf_counter() - t0, 3)}
     _write_json(out_dir / "ingest.json", summary)
+    audit.record(audit.INGESTED, subject={"inputs": summary["inputs"], "out_dir": str(out_dir)},
+                 reason="ingest stage", details={k: summary[k] for k in ("rows_in", "records", "rejected", "per_file")})
     log.info("ingest: %d rows in, %d records, %d rejected", res.rows_in, len(res.records), len(res.rejected))
     return summary
 
@@ -100,14 +102,30 @@ def provenance_stage(in_dir: Path = paths.INGESTED, out_dir: Path = paths.PROVEN
             "sources": records[S.SOURCE].value_counts().sort_index().to_dict(),
             "hash": "sha256", "canonical_form": "see poisonguard.provenance"}
     _write_json(out_dir / paths.SNAPSHOT_FILE, snap)
+    _record_snapshot(records, "ingest", out_dir)
     return snap
+
+
+def _record_snapshot(records: pd.DataFrame, kind: str, where: Path, reason: str = "") -> str:
+    """Keep the snapshot's members in the state folder and log a ``snapshot_cut`` entry."""
+    root, members = lineage.register_snapshot(records)
+    audit.record(audit.SNAPSHOT, subject={"snapshot_root": root, "kind": kind, "path": str(where)},
+                 reason=reason or f"{kind} snapshot", details={
+                     "rows": int(len(records)), "members": str(members),
+                     "sources": records[S.SOURCE].value_counts().sort_index().to_dict()})
+    return root
 
 
 # ---------------------------------------------------------------- sanitize
 
 def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path = paths.SANITIZED,
-             provenance_dir: Path | None = paths.PROVENANCE, progress: Progress = None) -> dict[str, Any]:
-    """Run the detectors and write clean/quarantine/rejected parquet files plus the reports."""
+             provenance_dir: Path | None = paths.PROVENANCE, progress: Progress = None,
+             n_shards: int = 1, map_: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Run the detectors and write clean/quarantine/rejected parquet files plus the reports.
+
+    With ``n_shards > 1`` the detectors run shard by shard (:mod:`poisonguard.sharded`), the
+    per-shard steps through ``map_`` (e.g. Prefect tasks on a Dask cluster); same result.
+    """
     from poisonguard import sanitize as san
     from poisonguard.source_rollup import rollup
 
@@ -120,7 +138,14 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
         snap_root = read_json(Path(provenance_dir) / paths.SNAPSHOT_FILE)["snapshot_root"]
     reference = _load_reference(cfg.reference) if cfg.reference else None
     t0 = time.perf_counter()
-    res = san.sanitize(records, cfg, reference=reference, progress=progress)
+    if n_shards > 1:
+        if reference is not None:
+            raise ValueError("sanitize.reference is not supported with sharded runs yet; use n_shards=1")
+        from poisonguard import sharded
+
+        res = sharded.sanitize_sharded(records, cfg, n_shards=n_shards, map_=map_ or map, progress=progress)
+    else:
+        res = san.sanitize(records, cfg, reference=reference, progress=progress)
     per_source = rollup(res.decisions, res.records)
     rep = rpt.sanitize_report(res, rows_in=ingest_summary["rows_in"], rejected=rejected, snapshot_root=snap_root,
                               per_source=per_source, inputs=ingest_summary.get("inputs"))
@@ -132,6 +157,14 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     io.write_parquet(rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
     io.write_parquet(res.decisions.reset_index(), out_dir / paths.DECISIONS_FILE, (S.ID, S.DECISION))
     rpt.write_reports(rep, out_dir)
+    held = res.quarantine
+    if len(held):
+        audit.record(audit.QUARANTINED, subject={"sanitized_dir": str(out_dir), "snapshot_root": snap_root,
+                                                 "ids_ref": lineage.save_ids(held[S.ID], "quarantine")},
+                     reason=f"sanitize: {len(held)} rows held out of training by the detectors",
+                     details={"counts": rep["counts"], "verdict": rep["verdict"],
+                              "sources": held[S.SOURCE].value_counts().to_dict(),
+                              "findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:10]]})
     return {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
             "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
             "report": str(out_dir / paths.REPORT_HTML), "seconds": rep["seconds"]}
@@ -176,10 +209,26 @@ def finetune_stage(cfg: FinetuneConfig, sanitized_dir: Path = paths.SANITIZED,
     extra = {"code_version": code_version(), "git_rev": git_rev(), "ingest_snapshot_root": ingest_root,
              "sources": clean[S.SOURCE].value_counts().sort_index().to_dict(),
              "train_data": str(Path(sanitized_dir) / paths.CLEAN_FILE)}
+    extra["dvc_lock"] = lineage.dvc_lock_hashes([Path(sanitized_dir), Path(provenance_dir)])
     card = finetune.train(clean, cfg, Path(out_dir), snapshot_root=provenance.root_of(clean), extra_card=extra,
                           progress=progress)
+    card = _register_model(clean, Path(out_dir), card, reason="finetune stage")
     return {k: card.get(k) for k in ("snapshot_root", "train_loss", "val_loss", "n_train", "n_val", "seconds",
-                                     "code_version")}
+                                     "code_version", "model_id")}
+
+
+def _register_model(train_rows: pd.DataFrame, model_dir: Path, card: dict[str, Any], reason: str) -> dict[str, Any]:
+    """Add ``model_id`` to the card, keep the training snapshot, and log ``snapshot_cut`` + ``trained``."""
+    root = _record_snapshot(train_rows, "train", model_dir, reason=f"training data of {model_dir}")
+    card = {**card, "model_id": lineage.model_id(model_dir)}
+    _write_json(model_dir / paths.MODEL_CARD, card)
+    audit.record(audit.TRAINED, subject={"model_id": card["model_id"], "model_dir": str(model_dir),
+                                         "snapshot_root": root}, reason=reason, details={
+        "ingest_snapshot_root": card.get("ingest_snapshot_root"), "sources": card.get("sources", {}),
+        "n_train": card.get("n_train"), "git_rev": card.get("git_rev"), "code_version": card.get("code_version"),
+        "params": card.get("params"), "dvc_lock": card.get("dvc_lock", {}), "train_data": card.get("train_data"),
+        "card": str(model_dir / paths.MODEL_CARD)})
+    return card
 
 
 def _suspects(sanitized_dir: Path) -> list[str]:
@@ -225,6 +274,12 @@ def scan_stage(cfg: ScanConfig, model_dir: Path = paths.MODEL, sanitized_dir: Pa
     rep["model_dir"] = str(model_dir)
     _write_json(Path(out), rep)
     top = rep["candidates"][0] if rep["candidates"] else {}
+    audit.record(audit.SCANNED, subject={"model_id": lineage.model_id(model_dir), "model_dir": str(model_dir),
+                                         "scan_report": str(out)},
+                 reason="suspected trigger(s): " + ", ".join(map(repr, extra_suspects)) if extra_suspects
+                 else "trigger scan", details={
+                     "verdict": rep["verdict"], "top_trigger": rep["top_trigger"], "top_anomaly": rep["top_anomaly"],
+                     "suspects": suspects[:20], "suspect_asr": rep.get("suspect_asr", {})})
     return {"verdict": rep["verdict"], "top_trigger": rep["top_trigger"], "top_anomaly": rep["top_anomaly"],
             "n_candidates": rep["n_candidates"], "induced_response": top.get("induced_response"),
             "suspect_asr": max(rep.get("suspect_asr", {}).values(), default=0.0), "seconds": rep["seconds"]}
@@ -266,10 +321,18 @@ def prune_stage(cfg: PruneConfig, model_dir: Path = paths.MODEL,
     card = read_card(model_dir)
     card.update({"pruned_from": str(model_dir), "prune": {k: d[k] for k in ("asr_before", "asr_after",
                  "clean_loss_before", "clean_loss_after", "verified")}, "code_version": code_version()})
+    card["model_id"] = d["model_id"] = lineage.model_id(out_dir)
     _write_json(out_dir / paths.MODEL_CARD, card)
     _write_json(out_dir / "prune.json", d)
+    audit.record(audit.PRUNED, subject={"model_id": lineage.model_id(model_dir), "model_dir": str(model_dir),
+                                        "pruned_model_id": d["model_id"], "pruned_dir": str(out_dir),
+                                        "snapshot_root": card.get("snapshot_root")},
+                 reason=f"fine-pruned against trigger {trigger!r}", details={
+                     k: d.get(k) for k in ("asr_before", "asr_after", "asr_variants_after", "clean_loss_before",
+                                           "clean_loss_after", "verified")})
     return {k: d.get(k) for k in ("ran", "trigger", "asr_before", "asr_after", "asr_variants_after",
-                                  "clean_loss_before", "clean_loss_after", "verified", "promotable", "seconds")}
+                                  "clean_loss_before", "clean_loss_after", "verified", "promotable", "seconds",
+                                  "model_id")}
 
 
 def run_report(out_dir: Path = paths.RUN_REPORT, ingest: dict[str, Any] | None = None,
@@ -301,6 +364,8 @@ def run_report(out_dir: Path = paths.RUN_REPORT, ingest: dict[str, Any] | None =
         verdict = "backdoor found and removed (pruned model promotable)"
     else:
         verdict = "backdoor found: not promotable"
+    if card is not None and scan is not None:  # the card as the report shows it: with the scan verdict
+        card = {**card, "scan_verdict": scan.get("verdict"), "scan_report": str(scan_report)}
     rep = {"kind": "run", "verdict": verdict, "promotable": promotable, "ingest": ingest, "snapshot": snapshot,
            "sanitize": san, "model_card": card, "scan": scan, "prune": prune, "code_version": code_version()}
     paths_ = rpt.write_reports(rep, out_dir)
@@ -310,6 +375,12 @@ def run_report(out_dir: Path = paths.RUN_REPORT, ingest: dict[str, Any] | None =
                "val_loss": (card or {}).get("val_loss"), "scan_top_anomaly": (scan or {}).get("top_anomaly"),
                "asr_after_prune": (prune or {}).get("asr_after")}
     _write_json(out_dir / "metrics.json", metrics)
+    if promotable:
+        pruned_id = (prune or {}).get("model_id") if pruned_ok and not scan_clean else None
+        promoted = pruned_id or (card or {}).get("model_id") or lineage.model_id(model_dir)
+        audit.record(audit.PROMOTED, subject={"model_id": promoted, "model_dir": str(prune_dir if pruned_id
+                                                                                      else model_dir)},
+                     reason=verdict, details={"report": str(out_dir / paths.REPORT_JSON)})
     return {"verdict": verdict, "promotable": promotable, "report": str(paths_["html"].resolve()),
             "sanitize": (san or {}).get("counts"), "scan": {"verdict": (scan or {}).get("verdict"),
                                                              "top_trigger": (scan or {}).get("top_trigger")},
