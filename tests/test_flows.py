@@ -105,3 +105,20 @@ def test_remediation_flow_with_a_suspected_trigger(prefect_server, project, monk
     assert "special delivery" in scan.get("suspect_asr", {})
     assert (project / "reports/remediation/report/report.html").is_file()
     assert isinstance(res["promotable"], bool)
+
+
+def test_sanitize_on_a_dask_local_cluster_matches_single_process(prefect_server, project, monkeypatch):
+    import pandas as pd
+
+    from flows import sanitize_distributed
+    from poisonguard.config import NightlyConfig, load_config
+
+    monkeypatch.chdir(project)
+    assert (project / "data/interim/ingested/records.parquet").is_file(), "runs after the nightly test"
+    cfg = load_config("params.yaml").sanitize
+    res = sanitize_distributed.run(NightlyConfig(shards=3, dask_workers=2), cfg,
+                                   out_dir="data/processed/sanitized-dask")
+    assert res["counts"]["rows_in"] == 700
+    a = pd.read_parquet(project / "data/processed/sanitized-dask/decisions.parquet")
+    b = pd.read_parquet(project / "data/processed/sanitized/decisions.parquet")
+    pd.testing.assert_frame_equal(a[["id", "decision", "detectors"]], b[["id", "decision", "detectors"]])
