@@ -45,6 +45,7 @@ def proj(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("dvcproj")
     shutil.copytree(ROOT / "src", d / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(ROOT / "dvc.yaml", d / "dvc.yaml")
+    shutil.copy(ROOT / "overrides.jsonl", d / "overrides.jsonl")
     (d / "params.yaml").write_text(yaml.safe_dump(full_params()))
     _dvc(d, "init", "--no-scm", "-q")
     _dvc(d, "remote", "add", "-d", "local", "../dvc-remote")  # as in the project's .dvc/config

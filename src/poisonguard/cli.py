@@ -198,8 +198,31 @@ def cmd_remediate(args: argparse.Namespace) -> int:
                        trigger=args.trigger, target=args.target, source=args.source, rows=rows or None,
                        retrain=data_mode, incident=args.incident, sanitized_dir=args.sanitized,
                        **({"out_dir": args.out} if args.out else {}))
+    if data_mode and (args.source or rows):
+        # keep the bad data out of every later sanitize run too (nightly, dvc repro)
+        added = _standing(args, [{"source": args.source}] if args.source else [{"id": r} for r in rows],
+                          S_QUARANTINE, f"incident {result.get('incident', '?')}",
+                          f"remediation: {args.reason or 'bad ' + ('source' if args.source else 'rows')}")
+        result["overrides_added"] = added
     _emit(args, result, _incident_human(result) if data_mode else _run_human(result))
     return EXIT_OK if result.get("promotable") else EXIT_POISON
+
+
+S_QUARANTINE = "quarantine"
+
+
+def _standing(args: argparse.Namespace, targets: list[dict[str, str]], action: str, by: str, reason: str) -> int:
+    """Append standing decisions to the overrides file named in params.yaml (sanitize.overrides)."""
+    from poisonguard import overrides
+
+    path = _cfg(args).sanitize.overrides
+    if not path:
+        return 0
+    n = overrides.append(path, [overrides.Override(action, by, reason, id=t.get("id"), source=t.get("source"))
+                                for t in targets])
+    if n:
+        print(f"{n} standing decision(s) added to {path}: later sanitize runs apply them", file=sys.stderr)
+    return n
 
 
 def _incident_human(r: dict[str, Any]) -> str:
@@ -296,7 +319,13 @@ def cmd_review(args: argparse.Namespace) -> int:
     except review.ReviewError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    decisions, _ = review.read_decisions(Path(args.decisions), args.reviewer or "")
+    from poisonguard import overrides
+
+    path = _cfg(args).sanitize.overrides
     d = res.to_dict()
+    d["overrides_added"] = overrides.append(path, [overrides.Override(x.action, x.reviewer, x.reason, id=x.id)
+                                                   for x in decisions]) if path else 0
     c = d["counts"]
     _emit(args, d, f"released {len(res.released)}, quarantined {len(res.quarantined)}, unchanged "
                    f"{len(res.confirmed)}, undecided {res.undecided}\n"
@@ -422,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rows", nargs="+", metavar="ID", help="bad row ids: quarantine them and retrain")
     sp.add_argument("--rows-file", help="file with one bad row id per line")
     sp.add_argument("--retrain", action="store_true", help="with --trigger: quarantine rows containing it and retrain")
+    sp.add_argument("--reason", help="why (recorded in the audit log and the overrides file)")
     sp.add_argument("--incident", help="incident id (default: derived from the inputs, so a re-run resumes)")
     sp.add_argument("--sanitized", default="data/processed/sanitized", help="sanitize output the model trained on")
     sp.add_argument("--out", help="incident folder root (default: reports/remediation)")

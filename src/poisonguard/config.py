@@ -64,6 +64,8 @@ class SanitizeConfig(_Frozen):
     #: quarantine a row only when at least this many detectors flag it (1 = any)
     min_detectors: int = 1
     reference: str | None = None       # trusted reference set (records parquet or raw file)
+    #: standing decisions by people and incidents (poisonguard.overrides); missing file = none
+    overrides: str | None = "overrides.jsonl"
     llm_review: ReviewConfig = Field(default_factory=ReviewConfig)
 
     @field_validator("detectors")

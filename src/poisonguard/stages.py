@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from poisonguard import audit, code_version, io, lineage, paths, provenance
+from poisonguard import audit, code_version, io, lineage, overrides, paths, provenance
 from poisonguard import report as rpt
 from poisonguard import schema as S
 from poisonguard.config import IngestConfig, SanitizeConfig, section
@@ -146,6 +146,11 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
         res = sharded.sanitize_sharded(records, cfg, n_shards=n_shards, map_=map_ or map, progress=progress)
     else:
         res = san.sanitize(records, cfg, reference=reference, progress=progress)
+    standing = overrides.load(cfg.overrides)
+    if standing:
+        res.decisions, extra, applied = overrides.apply(res.decisions, res.records, standing)
+        res.findings = extra + list(res.findings)
+        log.info("overrides (%s): %s", cfg.overrides, applied)
     per_source = rollup(res.decisions, res.records)
     rep = rpt.sanitize_report(res, rows_in=ingest_summary["rows_in"], rejected=rejected, snapshot_root=snap_root,
                               per_source=per_source, inputs=ingest_summary.get("inputs"))
