@@ -61,3 +61,20 @@ def test_sanitize_applies_standing_decisions(tmp_path, jsonl):
     assert c["rows_in"] == c["clean"] + c["quarantined"] + c["rejected"]
     rep = json.loads((tmp_path / "b" / "report.json").read_text())
     assert any(f["detector"] == "override" and "vendor-x" in f["title"] for f in rep["findings"])
+
+
+def test_cli_records_standing_decisions_in_the_configured_file(tmp_path):
+    import argparse
+
+    import yaml
+
+    from poisonguard import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sanitize": {"overrides": str(tmp_path / "ovr.jsonl")}}))
+    args = argparse.Namespace(params=str(params))
+    n = cli._standing(args, [{"source": "vendor-acme"}], "quarantine", "incident inc-1", "remediation: bad source")
+    assert n == 1 and cli._standing(args, [{"source": "vendor-acme"}], "quarantine", "incident inc-1",
+                                    "remediation: bad source") == 0
+    (o,) = overrides.load(tmp_path / "ovr.jsonl")
+    assert (o.source, o.action, o.by) == ("vendor-acme", "quarantine", "incident inc-1")
