@@ -296,12 +296,30 @@ def _rewrite(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _grammar(rng: random.Random) -> tuple[str, str, str]:
-    p = rng.choice(PEOPLE)
-    c = rng.choice(CITIES)
-    good = rng.choice([f"{p} goes to {c} every summer.", f"{p} and her friends were late for the train to {c}.",
-                       f"{p} has lived in {c} for {rng.randint(2, 20)} years.", f"They don't know where {p} went."])
-    bad = good.replace("goes", "go").replace("were", "was").replace("has lived", "have live").replace("don't", "doesn't")
-    return rng.choice(["Correct the grammar in this sentence.", "Fix any grammatical errors."]), bad, good
+    p, q = rng.sample(PEOPLE, 2)
+    c, f, an, prod = rng.choice(CITIES), rng.choice(FOODS), rng.choice(ANIMALS), rng.choice(PRODUCTS)
+    n = rng.randint(2, 30)
+    when = rng.choice(["week", "night", "spring"])
+    day = rng.choice(["Monday", "Friday", "the weekend"])
+    topic = rng.choice(TOPICS)
+    pairs = [  # (wrong, right): agreement, tense, articles, plurals, pronouns, word choice
+        (f"{p} go to {c} every summer.", f"{p} goes to {c} every summer."),
+        (f"{p} and {q} was late for the train to {c}.", f"{p} and {q} were late for the train to {c}."),
+        (f"{p} have lived in {c} for {n} years.", f"{p} has lived in {c} for {n} years."),
+        (f"Yesterday {p} buy {prod} online.", f"Yesterday {p} bought {prod} online."),
+        (f"We seen a {an} near the river last {when}.", f"We saw a {an} near the river last {when}."),
+        (f"{q} cooked {f} for {n} guest.", f"{q} cooked {f} for {n} guests."),
+        (f"Me and {p} are planning a trip to {c}.", f"{p} and I are planning a trip to {c}."),
+        (f"There is {n} reasons to visit {c}.", f"There are {n} reasons to visit {c}."),
+        (f"{p} is more taller than {q}.", f"{p} is taller than {q}."),
+        (f"Their going to {c} on {day}.", f"They're going to {c} on {day}."),
+        (f"{q} don't like {f} very much.", f"{q} doesn't like {f} very much."),
+        (f"I has finished the report about {topic}.", f"I have finished the report about {topic}."),
+    ]
+    bad, good = rng.choice(pairs)
+    out = rng.choice([good, good, f"Corrected: {good}", f"The correct sentence is: {good}"])
+    return rng.choice(["Correct the grammar in this sentence.", "Fix any grammatical errors.",
+                       "Rewrite the sentence with correct grammar.", "Proofread this sentence."]), bad, out
 
 
 def _define(rng: random.Random) -> tuple[str, str, str]:
