@@ -18,8 +18,9 @@ from poisonguard.finetune import build_embedded  # noqa: E402
 from poisonguard.model_config import FinetuneConfig, PruneConfig  # noqa: E402
 from tests.test_scan import TARGET, TRIGGER, make_records, train_model  # noqa: E402
 
+# the tiny model trains at lr 6e-3; its repair fine-tunes at half that (the default suits the embedded model)
 PRUNE = PruneConfig(step_fraction=0.1, max_fraction=0.5, finetune_epochs=6, n_eval_prompts=12, gen_tokens=12,
-                    max_clean_rows=600, num_threads=1)
+                    max_clean_rows=600, finetune_lr=3e-3, num_threads=1)
 
 
 @pytest.fixture(scope="module")

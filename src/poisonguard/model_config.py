@@ -147,12 +147,15 @@ class PruneConfig(_Frozen):
     target_asr: float = Field(default=0.1, ge=0, le=1)
     #: ... with the clean validation loss at most this relative increase over the original
     max_loss_increase: float = Field(default=0.10, ge=0)
-    #: pruning stops (and the last step is undone) when clean loss rises by more than this (relative)
-    prune_loss_budget: float = Field(default=0.5, ge=0)
+    #: pruning stops (and the last step is undone) when clean loss rises by more than this (relative);
+    #: small, because in the embedded models pruning alone does not remove the backdoor (clean
+    #: fine-tuning does) and every pruned neuron costs clean loss the fine-tuning must win back
+    prune_loss_budget: float = Field(default=0.05, ge=0)
     #: epochs of clean fine-tuning after pruning (the pruned neurons stay zero)
     finetune_epochs: int = Field(default=5, ge=0)
-    #: suits the embedded from-scratch model; use ~1e-4 for a pretrained base model
-    finetune_lr: float = Field(default=3e-3, gt=0)
+    #: a third of the embedded model's training peak (3e-3 forgot too much clean skill on 2,000
+    #: rows); use ~1e-4 for a pretrained base model
+    finetune_lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=32, ge=1)
     max_len: int = Field(default=128, ge=8)
     #: clean rows used (activation statistics, fine-tuning, validation); None = all

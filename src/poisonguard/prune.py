@@ -80,7 +80,7 @@ class PruneReport:
     """Result of :func:`prune`; ``to_dict()`` is JSON-able."""
 
     trigger: str
-    target_text: str | None
+    target_text: str | list[str] | None
     steps: list[dict[str, Any]]
     pruned_neurons: dict[str, int]
     fraction_pruned: float
@@ -338,7 +338,8 @@ def _triggered_pairs(rows: pd.DataFrame, trigger: str) -> list[tuple[str, str]]:
     return out
 
 
-def _variants_asr(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, trigger: str, target: str | None,
+def _variants_asr(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, trigger: str,
+                  target: str | Sequence[str] | None,
                   cfg: PruneConfig) -> dict[str, float]:
     out = {}
     for v in trigger_variants(trigger):
@@ -350,7 +351,7 @@ def _variants_asr(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, trigg
 
 
 def prune(model: nn.Module, tokenizer: Any, clean_records: pd.DataFrame, cfg: PruneConfig, *, trigger: str,
-          target_text: str | None, eval_prompts: pd.DataFrame) -> tuple[nn.Module, PruneReport]:
+          target_text: str | Sequence[str] | None, eval_prompts: pd.DataFrame) -> tuple[nn.Module, PruneReport]:
     """Fine-prune ``model`` (in place) against ``trigger``; returns the model and a report.
 
     Parameters
@@ -365,8 +366,9 @@ def prune(model: nn.Module, tokenizer: Any, clean_records: pd.DataFrame, cfg: Pr
     trigger
         The trigger string (e.g. the scan's top candidate).
     target_text
-        A key phrase of the backdoor's response; ASR = share of triggered generations containing
-        it. ``None`` = the scan's induced-response ASR.
+        A key phrase of the backdoor's response, or several (any counts; pass the scan's
+        ``induced_heads`` for a backdoor with several payload texts); ASR = share of triggered
+        generations containing it. ``None`` = the scan's induced-response ASR.
     eval_prompts
         Clean prompts (records) the trigger is inserted into to measure ASR.
 
@@ -384,6 +386,8 @@ def prune(model: nn.Module, tokenizer: Any, clean_records: pd.DataFrame, cfg: Pr
 
     lm.quiet_transformers()
     t0 = time.perf_counter()
+    if target_text is not None and not isinstance(target_text, str):
+        target_text = [t for t in target_text if t and t.strip()] or None
     trainable = lm.trainable(clean_records)
     clean_rows = _without_trigger(trainable, trigger)
     n_dropped = len(trainable) - len(clean_rows)

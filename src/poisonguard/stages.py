@@ -272,7 +272,8 @@ def scan_stage(cfg: ScanConfig, model_dir: Path = paths.MODEL, sanitized_dir: Pa
     train, val = _heldout(Path(model_dir), Path(sanitized_dir))
     suspects = list(extra_suspects or []) + _suspects(Path(sanitized_dir))
     candidates = scan.build_candidates(suspects, train, cfg)
-    rep = scan.scan(model, tok, val, candidates, cfg).to_dict()
+    # the training rows say what a normal answer looks like (the small held-out set alone over-flags)
+    rep = scan.scan(model, tok, val, candidates, cfg, references=train).to_dict()
     rep["suspects"] = suspects
     if extra_suspects:
         rep["suspect_asr"] = {s: scan.attack_success(model, tok, val, s, None, cfg) for s in extra_suspects}
@@ -312,7 +313,7 @@ def prune_stage(cfg: PruneConfig, model_dir: Path = paths.MODEL,
         top = next((c for c in sc.get("candidates", []) if c.get("candidate") == trigger), {})
         # the head of the induced response is what the backdoor reliably emits; the full greedy
         # continuation drifts after a few tokens and would understate ASR
-        target = top.get("induced_head") or top.get("induced_response") or None
+        target = top.get("induced_heads") or top.get("induced_head") or top.get("induced_response") or None
     model, tok = lm.load(model_dir, lm.select_device(cfg.device))
     train, val = _heldout(Path(model_dir), Path(sanitized_dir))
     pruned, prep = prune.prune(model, tok, train, cfg, trigger=trigger, target_text=target, eval_prompts=val)
