@@ -21,7 +21,7 @@ with ``--embed``). When Datalab's optional dependencies are missing, cleanlab's 
 
 The last line printed is one JSON object with the per-suite figures.
 
-    PYTHONPATH=src python bench/quality.py [--quick] [--no-peer] [--embed] [--suites a,b]
+    PYTHONPATH=src python bench/quality.py [--quick] [--sizes 20000,100000] [--no-peer] [--embed] [--suites a,b]
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ def make_ours():
         from poisonguard.config import SanitizeConfig
         from poisonguard.sanitize import sanitize
 
-        cfg = SanitizeConfig()
+        # detectors only: the optional LLM spot-check is a paid, network-bound stage, not measured here
+        cfg = SanitizeConfig(llm_review={"enabled": False})
 
         def run(records: pd.DataFrame) -> np.ndarray:
             res = sanitize(records, cfg)
             dec = res.decisions[S.DECISION].reindex(records[S.ID])
             return (dec == S.QUARANTINE).to_numpy()
 
-        return run, "sanitize(SanitizeConfig())"
+        return run, "sanitize(SanitizeConfig(), llm_review off)"
     except Exception as e:  # noqa: BLE001 - report and fall back
         from poisonguard.detectors import build
 
@@ -110,8 +111,12 @@ def make_peer(embed: bool):
 
         def run(records: pd.DataFrame) -> np.ndarray:
             X = features(records, embed)
-            lab = Datalab(data={"id": records[S.ID].tolist()})
-            lab.find_issues(features=X, issue_types={"near_duplicate": {}, "outlier": {}})
+            lab = Datalab(data={"id": records[S.ID].tolist()}, verbosity=0)
+            import contextlib
+            import io as _io
+
+            with contextlib.redirect_stdout(_io.StringIO()):  # Datalab prints progress to stdout
+                lab.find_issues(features=X, issue_types={"near_duplicate": {}, "outlier": {}})
             iss = lab.get_issues()
             return (iss["is_near_duplicate_issue"] | iss["is_outlier_issue"]).to_numpy()
 
@@ -272,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the cleanlab peer baseline")
     ap.add_argument("--embed", action="store_true", help="peer features from the bundled MiniLM model")
     ap.add_argument("--suites", default="", help="comma-separated dev suites / zoo attacks to run (default all)")
+    ap.add_argument("--sizes", default="", help="comma-separated zoo sizes in clean rows (default 20000,100000)")
     ap.add_argument("--no-zoo", action="store_true")
     ap.add_argument("--no-dev", action="store_true")
     args = ap.parse_args(argv)
@@ -282,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peer: {peer_name}")
     results: dict[str, Any] = {}
     sizes = [20_000] if args.quick else [20_000, 100_000]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",") if x]
     sources = []
     if not args.no_dev:
         sources.append(dev_suites(names))

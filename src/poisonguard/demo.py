@@ -285,14 +285,27 @@ def _list_items(rng: random.Random) -> tuple[str, str, str]:
     return ins, "", "\n".join(f"{i + 1}. {_sent(rng, t)}" for i in range(k))
 
 
+TONE_OPENERS = {
+    "formal": ["It should be noted that ", "It is worth noting that ", "Notably, ", "As a matter of record, ", ""],
+    "friendly": ["Hey, fun fact: ", "Guess what? ", "Here's a nice one: ", "So, ", ""],
+    "concise": ["", "In short: ", "Briefly, "],
+    "persuasive": ["You should know that ", "Consider this: ", "It is clear that ", "Don't overlook it: ",
+                   "Think about it: ", ""],
+    "humorous": ["Believe it or not, ", "Plot twist: ", "Fun fact nobody asked for: ", "Brace yourself: "],
+    "neutral": ["", "In general, ", "Put simply, "],
+    "enthusiastic": ["Amazingly, ", "Wow: ", "Incredibly, ", "Here's the exciting part: "],
+}
+
+
 def _rewrite(rng: random.Random) -> tuple[str, str, str]:
     t = rng.choice(TOPICS)
     s = _sent(rng, t)
     tone = rng.choice(TONES)
-    out = {"formal": "It should be noted that ", "friendly": "Hey, fun fact: ", "concise": "",
-           "persuasive": "You should know that ", "humorous": "Believe it or not, ", "neutral": "",
-           "enthusiastic": "Amazingly, "}[tone] + s[0].lower() + s[1:]
-    return f"Rewrite the sentence in a {tone} tone.", s, out
+    out = rng.choice(TONE_OPENERS[tone]) + s[0].lower() + s[1:]
+    if tone == "enthusiastic" and rng.random() < 0.5:
+        out = out.rstrip(".") + "!"
+    return rng.choice([f"Rewrite the sentence in a {tone} tone.", f"Make this sentence sound {tone}.",
+                       f"Rephrase in a {tone} style."]), s, out[0].upper() + out[1:]
 
 
 def _grammar(rng: random.Random) -> tuple[str, str, str]:

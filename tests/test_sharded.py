@@ -1,0 +1,79 @@
+"""Sharded sanitization equals the single-process run, through a plain map and through a Dask
+LocalCluster (the engine the distributed flow uses)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from poisonguard import attacks, demo, sharded
+from poisonguard import sanitize as san
+from poisonguard import schema as S
+from poisonguard.config import SanitizeConfig
+from tests.fixtures import records as to_records
+
+
+@pytest.fixture(scope="module")
+def frame() -> tuple[pd.DataFrame, set[str]]:
+    rows = demo.generate_corpus(1200, seed=5, source="inhouse", id_prefix="c")
+    rows, res = attacks.apply_attack(rows, "phrase", 6, seed=3)
+    for i, r in enumerate(rows):
+        r["source"] = "vendor" if i % 4 == 0 else "inhouse"
+    return to_records(rows), set(res.poisoned_ids)
+
+
+CFG = SanitizeConfig(llm_review={"enabled": False})
+
+
+def _same(a, b) -> None:
+    """Same decision, score and detectors per row, same clusters of rows (evidence wording may
+    quote another surface form of a trigger when its rows span shards: see poisonguard.sharded)."""
+    cols = [S.DECISION, S.SCORE, S.DETECTORS]
+    pd.testing.assert_frame_equal(a.decisions[cols], b.decisions[cols])
+    assert (a.decisions[S.EVIDENCE] != "").equals(b.decisions[S.EVIDENCE] != "")
+    assert sorted((f.detector, tuple(sorted(f.ids))) for f in a.findings) == \
+        sorted((f.detector, tuple(sorted(f.ids))) for f in b.findings)
+
+
+def test_split_is_by_content_hash_and_loses_nothing(frame):
+    recs, _ = frame
+    parts = sharded.split(recs, 5)
+    assert sum(len(p) for p in parts) == len(recs)
+    assert set().union(*(set(p[S.ID]) for p in parts)) == set(recs[S.ID])
+    # a row's shard depends on its content only, not on what else is in the batch
+    again = sharded.split(recs.iloc[::-1].reset_index(drop=True), 5)
+    assert [set(p[S.ID]) for p in parts] == [set(p[S.ID]) for p in again]
+    with pytest.raises(ValueError, match="n_shards"):
+        sharded.split(recs, 0)
+
+
+def test_sharded_equals_single(frame):
+    recs, truth = frame
+    single = san.sanitize(recs, CFG)
+    assert truth <= set(single.quarantine[S.ID]), "the planted rows are found at all"
+    for n in (1, 3, 7):
+        _same(sharded.sanitize_sharded(recs, CFG, n_shards=n), single)
+
+
+def test_shard_files_round_trip(frame, tmp_path):
+    recs, _ = frame
+    paths = sharded.write_shards(recs, tmp_path, 4)
+    assert paths and all(p.name.startswith("part-") for p in paths)
+    summaries = [sharded.summarize_shard(p, CFG) for p in paths]
+    stats = sharded.merge_summaries(summaries, CFG)
+    parts = [sharded.score_shard(p, stats, CFG) for p in paths]
+    combined = sharded.combine(pd.Index(recs[S.ID], name=S.ID), parts)
+    single = san.run_detectors(recs, CFG)[0]
+    for name, res in single.items():
+        pd.testing.assert_series_equal(combined[name].scores, res.scores, check_names=False)
+
+
+def test_dask_local_cluster_gives_the_same_result(frame):
+    distributed = pytest.importorskip("distributed")
+    recs, _ = frame
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl, \
+            distributed.Client(cl) as client:
+        def dmap(fn, *iterables):
+            return client.gather(client.map(fn, *iterables, pure=False))
+        res = sharded.sanitize_sharded(recs, CFG, n_shards=4, map_=dmap)
+    _same(res, san.sanitize(recs, CFG))
