@@ -139,9 +139,11 @@ def test_bad_decision_files_name_line_and_field_and_change_nothing(sanitized, tm
         review.apply(nohdr, out)
 
 
-def test_cli_review_export_apply(sanitized, tmp_path, capsys):
+def test_cli_review_export_apply(sanitized, tmp_path, capsys, monkeypatch):
+    from poisonguard import overrides
     from poisonguard.cli import main
 
+    monkeypatch.chdir(tmp_path)  # the default overrides.jsonl is relative: keep it out of the checkout
     out, review_ids, _ = sanitized
     csv_path = tmp_path / "r.csv"
     assert main(["review", "export", "--sanitized", str(out), "--out", str(csv_path)]) == 0
@@ -153,3 +155,7 @@ def test_cli_review_export_apply(sanitized, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["quarantined"] == [review_ids[0]]
     assert audit.entries(audit.QUARANTINED)[-1]["details"]["by"] == {review_ids[0]: "carol"}
+    # the decision stands for later sanitize runs
+    assert res["overrides_added"] == 1
+    (o,) = overrides.load(tmp_path / "overrides.jsonl")
+    assert (o.id, o.action, o.by) == (review_ids[0], "quarantine", "carol")
