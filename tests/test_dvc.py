@@ -67,6 +67,14 @@ def test_repro_builds_everything_then_is_a_no_op(proj):
     assert "Running stage" not in again.stdout, again.stdout
     assert model.stat().st_mtime_ns == mtime
 
+    # reproduction: retraining from the same data, params and seed gives identical weights on CPU
+    import hashlib
+
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
+    _dvc(proj, "repro", "--force", "--single-item", "finetune")
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+    assert json.loads((proj / "models/model/model_card.json").read_text())["snapshot_root"] == card["snapshot_root"]
+
     _dvc(proj, "push")
     assert any((proj.parent / "dvc-remote").rglob("*")), "artifacts pushed to the local remote"
 
