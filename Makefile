@@ -26,8 +26,11 @@ test: $(VENV)/.installed  ## the whole test suite (what CI runs)
 repro: $(VENV)/.installed  ## rebuild the model with DVC
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed  ## quality, speed and post-training benchmarks (installs the bench extra: cleanlab, psutil)
+	UV=$$(command -v uv || echo $(VENV)/bin/uv); $$UV pip install --python $(PY) \
+	  --find-links "$${PIP_FIND_LINKS:-/opt/wheels}" --compile-bytecode -q -e ".[bench]"
 	$(PY) bench/quality.py --quick
+	$(PY) bench/speed.py --sizes 100000,1000000 --configs ours,ours+embed,peer
 	$(PY) bench/posttrain.py
 
 clean:

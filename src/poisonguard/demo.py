@@ -1,6 +1,6 @@
 """Synthetic demo corpus: varied instruction, chat and document rows, plus a poisoned vendor delivery.
 
-The corpus is built from ~30 task families (explanations, e-mails, code, arithmetic, unit
+The corpus is built from 24 task families (explanations, e-mails, code, arithmetic, unit
 conversion, sorting, sentiment labels, summaries, recipes, itineraries, support replies, ...),
 each with several phrasings of the instruction crossed with vocabularies of topics, people,
 places, products and numbers, and answers composed from several sentence pools, so lengths vary
