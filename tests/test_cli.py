@@ -120,3 +120,26 @@ def test_usage_error_exit_2_and_module_entry_point():
     assert e.value.code == EXIT_USAGE
     r = subprocess.run([sys.executable, "-m", "poisonguard", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "sanitize" in r.stdout
+
+
+def test_a_failing_detector_fails_the_command_with_a_clear_error(tmp_path, capsys, monkeypatch):
+    from poisonguard.detectors import registry
+    from poisonguard.detectors.base import Detector
+
+    class Broken(Detector):
+        name = "broken"
+        description = "always fails"
+
+        def score_with(self, records, stats):  # noqa: ANN001, ANN201
+            raise RuntimeError("model file missing")
+
+    monkeypatch.setitem(registry._REGISTRY, "broken", Broken)
+    p = tmp_path / "params.yaml"
+    p.write_text("sanitize:\n  detectors:\n    broken: {}\n")
+    rows = [{"id": f"r{i}", "instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(5)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    rc = main(["sanitize", "--params", str(p), "--input", str(path), "--out", str(tmp_path / "o")])
+    assert rc == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "RuntimeError: model file missing" in err and "-v" in err
+    assert not (tmp_path / "o" / "clean.parquet").exists(), "fail closed: no clean set from a failed run"

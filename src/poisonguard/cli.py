@@ -528,3 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - fail closed with a readable message; -v shows the traceback
+        if getattr(args, "verbose", False):
+            raise
+        from poisonguard.overrides import OverrideError
+
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        if not isinstance(e, OverrideError):
+            print("the run stopped here (fail closed: no result was written); re-run with -v for the traceback",
+                  file=sys.stderr)
+        return EXIT_ERROR
