@@ -131,3 +131,11 @@ def test_records_roundtrip_parquet(tmp_path, jsonl):
         io.read_records(tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="missing columns"):
         io.write_records(pd.DataFrame({"x": [1]}), tmp_path / "y.parquet")
+
+
+def test_read_inputs_reports_progress_per_file(jsonl):
+    a = jsonl([{"instruction": "a", "input": "", "output": "b"}], "a.jsonl")
+    b = jsonl([{"instruction": "c", "input": "", "output": "d"}], "b.jsonl")
+    seen: list[str] = []
+    res = io.read_inputs([a, b], progress=seen.append)
+    assert seen == ["a.jsonl", "b.jsonl"] and len(res.records) == 2

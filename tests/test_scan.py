@@ -285,3 +285,13 @@ def test_js_divergence_bounds():
     assert float(sc._js(p, p)) == pytest.approx(0.0, abs=1e-6)
     assert 0.9 < float(sc._js(p, q)) <= 1.0
     assert math.isclose(float(sc._js(p, q)), float(sc._js(q, p)), rel_tol=1e-6)
+
+
+def test_scan_reports_progress_over_every_screened_prompt(models):
+    model, tok = lm.load(models["clean"], "cpu")
+    recs = make_records(60, 0)
+    calls: list[tuple[int, int]] = []
+    cfg = SCAN.model_copy(update={"search": False, "n_prompts": 4, "min_candidates": 10, "max_candidates": 10})
+    sc.scan(model, tok, recs, sc.build_candidates([], recs, cfg), cfg, progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1] == 10 * 4
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)

@@ -145,7 +145,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if name == "demo-data":
         summary = stages.demo_data(cfg.demo)
     elif name == "ingest":
-        summary = stages.ingest(cfg.ingest)
+        summary = stages.ingest(cfg.ingest, progress=_progress(args, len(cfg.ingest.inputs), "ingest"))
     elif name == "provenance":
         summary = stages.provenance_stage()
     elif name == "sanitize":
@@ -153,7 +153,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif name == "finetune":
         summary = stages.finetune_stage(cfg.finetune, progress=_progress_enabled(args))
     elif name == "scan":
-        summary = stages.scan_stage(cfg.scan)
+        summary = stages.scan_stage(cfg.scan, progress=_progress_enabled(args))
     elif name == "prune":
         summary = stages.prune_stage(cfg.prune)
     elif name == "report":

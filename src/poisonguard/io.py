@@ -16,7 +16,7 @@ import csv
 import io as _io
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -328,8 +328,10 @@ def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = N
 
 
 def read_inputs(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: str | None = None,
-                sources: Mapping[str, str] | None = None) -> IngestResult:
-    """Read several files; ``sources`` maps a file name (or stem) to its default source.
+                sources: Mapping[str, str] | None = None,
+                progress: Callable[[str], None] | None = None) -> IngestResult:
+    """Read several files; ``sources`` maps a file name (or stem) to its default source;
+    ``progress(file name)`` is called after each file.
 
     Rows whose id repeats an earlier row's id are rejected (``duplicate_id``) unless they are
     byte-identical in content, in which case the repeat is also rejected, naming the first.
@@ -360,6 +362,8 @@ def read_inputs(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: s
         rows_in += n
         all_recs.extend(kept)
         all_rej.extend(rej)
+        if progress is not None:
+            progress(p.name)
     return IngestResult(records_frame(all_recs), rejected_frame(all_rej), rows_in, per_file)
 
 

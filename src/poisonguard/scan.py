@@ -73,7 +73,7 @@ import math
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -647,7 +647,8 @@ def _baseline(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], cfg:
 
 
 def _screen(model: nn.Module, tokenizer: Any, base: _Base, candidates: Sequence[str],
-            cfg: ScanConfig) -> tuple[np.ndarray, list[list[list[int]]], np.ndarray]:
+            cfg: ScanConfig, progress: Callable[[int, int], None] | None = None
+            ) -> tuple[np.ndarray, list[list[list[int]]], np.ndarray]:
     """Per candidate: mean JS divergence [C], short greedy generations, decisive flips [C, P].
 
     Every (candidate, prompt) pair is decoded greedily for ``max(divergence_positions,
@@ -667,6 +668,7 @@ def _screen(model: nn.Module, tokenizer: Any, base: _Base, candidates: Sequence[
     decisive = np.zeros(len(prompts), dtype=bool)
     gens: list[list[int]] = [[] for _ in prompts]
     clean_seq = [(g + [eos] * steps)[:steps] for g in base.clean_gen]
+    done = 0
     for b, toks, lp in lm.iter_greedy(model, tokenizer, ids, steps, cfg.batch_size, with_logprobs=True):
         assert lp is not None
         pis = torch.tensor([i % n_p for i in b], device=lp.device)
@@ -680,6 +682,9 @@ def _screen(model: nn.Module, tokenizer: Any, base: _Base, candidates: Sequence[
             c_seq = clean_seq[i % n_p]
             first = next((s for s in range(steps) if t_seq[s] != c_seq[s]), None)
             decisive[i] = first is not None and js_np[j, first] >= cfg.flip_divergence
+        if progress is not None:
+            done += len(b)
+            progress(done, len(prompts))
     per_cand = [gens[c * n_p:(c + 1) * n_p] for c in range(len(candidates))]
     return div.reshape(len(candidates), n_p).mean(1), per_cand, decisive.reshape(len(candidates), n_p)
 
@@ -720,7 +725,8 @@ def robust_z(scores: np.ndarray, mad_floor: float) -> np.ndarray:
 # ---------------------------------------------------------------- the scan
 
 def scan(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, candidates: Sequence[tuple[str, str]],
-         cfg: ScanConfig, *, references: pd.DataFrame | None = None) -> ScanReport:
+         cfg: ScanConfig, *, references: pd.DataFrame | None = None,
+         progress: Callable[[int, int], None] | None = None) -> ScanReport:
     """Scan ``model`` for a backdoor trigger among ``candidates`` (see the module docstring).
 
     Parameters
@@ -738,6 +744,8 @@ def scan(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, candidates: Se
         Clean records whose responses tell a payload from an ordinary answer (the novelty test);
         pass the model's training rows: the more rows, the steadier the test (up to 5,000 are
         used). ``None`` = ``prompts``.
+    progress
+        Called as ``progress(done, total)`` with triggered prompts decoded in the screening pass.
 
     Returns
     -------
@@ -745,11 +753,12 @@ def scan(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, candidates: Se
         Candidates ranked by score, with the verdict.
     """
     with lm.num_threads(cfg.num_threads):
-        return _scan(model, tokenizer, prompts, candidates, cfg, references)
+        return _scan(model, tokenizer, prompts, candidates, cfg, references, progress)
 
 
 def _scan(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, candidates: Sequence[tuple[str, str]],
-          cfg: ScanConfig, references: pd.DataFrame | None = None) -> ScanReport:
+          cfg: ScanConfig, references: pd.DataFrame | None = None,
+          progress: Callable[[int, int], None] | None = None) -> ScanReport:
     lm.quiet_transformers()
     t0 = time.perf_counter()
     rows = select_prompts(prompts, cfg.n_prompts, cfg.seed)
@@ -772,7 +781,7 @@ def _scan(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, candidates: S
         raise ValueError("scan: no candidates")
     names = [c for c, _ in cands]
     base = _baseline(model, tokenizer, rows, cfg)
-    div, short, decisive = _screen(model, tokenizer, base, names, cfg)
+    div, short, decisive = _screen(model, tokenizer, base, names, cfg, progress)
     induced = [_induced(tokenizer, g, base.clean_gen, cfg.match_tokens, d) for g, d in zip(short, decisive, strict=True)]
     refs = _References(prompts if references is None else references, cfg.seed)
     stats = []

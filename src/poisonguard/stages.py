@@ -67,8 +67,8 @@ def demo_data(cfg: DemoConfig, out_dir: Path = paths.RAW) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- ingest
 
-def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[Path | str] | None = None
-           ) -> dict[str, Any]:
+def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[Path | str] | None = None,
+           progress: Progress = None) -> dict[str, Any]:
     """Read deliveries into ``records.parquet`` and ``rejected.parquet`` (+ ``ingest.json``)."""
     files = [Path(p) for p in (inputs if inputs is not None else cfg.inputs)]
     if not files:
@@ -76,7 +76,7 @@ def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[P
     opts = io.ReadOptions(layout=cfg.layout, collector=cfg.collector, collected_at=cfg.collected_at,
                           max_field_chars=cfg.max_field_chars)
     t0 = time.perf_counter()
-    res = io.read_inputs(files, opts, fmt=cfg.format, sources=cfg.sources)
+    res = io.read_inputs(files, opts, fmt=cfg.format, sources=cfg.sources, progress=progress)
     out_dir = Path(out_dir)
     io.write_records(res.records, out_dir / paths.RECORDS_FILE)
     io.write_parquet(res.rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
@@ -264,7 +264,8 @@ def _heldout(model_dir: Path, sanitized_dir: Path) -> tuple[pd.DataFrame, pd.Dat
 
 
 def scan_stage(cfg: ScanConfig, model_dir: Path = paths.MODEL, sanitized_dir: Path = paths.SANITIZED,
-               out: Path = paths.SCAN_REPORT, extra_suspects: Sequence[str] | None = None) -> dict[str, Any]:
+               out: Path = paths.SCAN_REPORT, extra_suspects: Sequence[str] | None = None,
+               progress: bool = False) -> dict[str, Any]:
     """Scan the trained model for triggers: sanitizer suspects + built-in bank + mined n-grams + search."""
     from poisonguard import lm, scan
 
@@ -273,7 +274,23 @@ def scan_stage(cfg: ScanConfig, model_dir: Path = paths.MODEL, sanitized_dir: Pa
     suspects = list(extra_suspects or []) + _suspects(Path(sanitized_dir))
     candidates = scan.build_candidates(suspects, train, cfg)
     # the training rows say what a normal answer looks like (the small held-out set alone over-flags)
-    rep = scan.scan(model, tok, val, candidates, cfg, references=train).to_dict()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="scan", unit="prompt", leave=False)
+
+    def tick(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        rep = scan.scan(model, tok, val, candidates, cfg, references=train, progress=tick).to_dict()
+    finally:
+        if bar is not None:
+            bar.close()
     rep["suspects"] = suspects
     if extra_suspects:
         rep["suspect_asr"] = {s: scan.attack_success(model, tok, val, s, None, cfg) for s in extra_suspects}
