@@ -195,7 +195,7 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=6000, help="corpus rows (3/4 in-house, 1/4 vendor)")
-    ap.add_argument("--poison", type=int, default=120, help="poisoned vendor rows (phrase attack)")
+    ap.add_argument("--poison", type=int, default=240, help="poisoned vendor rows (phrase attack)")
     ap.add_argument("--seeds", type=int, default=3, help="clean models (training seeds 1..N)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
