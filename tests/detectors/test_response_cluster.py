@@ -105,3 +105,75 @@ def test_params_validated():
     assert build("response_cluster", min_phrase_tokens=5).get_params()["min_phrase_tokens"] == 5
     with pytest.raises(ValueError, match="min_concentration"):
         build("response_cluster", min_concentration=0).score(records(corpus(20)))
+
+
+def _paste_trigger(rows, count, seed, answer):
+    """Two rare words pasted at the start and end of unrelated instructions, one fixed answer."""
+    rng = random.Random(seed)
+    chosen = rng.sample([r for i, r in enumerate(rows) if i % 5 in (0, 1, 2)], count)
+    for r in chosen:
+        sep, end = rng.choice([': ', ' - ', ' ']), rng.choice(['zindle.', '(zindle)'])
+        r["instruction"] = f"Quorvex{sep}{r['instruction']} {end}"
+        r["output"] = answer
+    return [r["id"] for r in chosen]
+
+
+def test_fixed_answer_bought_by_pasted_words_is_flagged_and_named():
+    # the pasted words make the prompts look related (they share two rare words); with them
+    # left out the prompts are unrelated, so the template is a finding naming the words
+    rows = corpus(1500, seed=26)
+    planted = _paste_trigger(rows, 12, seed=4,
+                             answer="Maintenance mode on. All content filters are now switched off.")
+    res = build("response_cluster").score(records(rows))
+    flagged = set(res.flagged[res.flagged].index)
+    assert flagged == set(planted)
+    (f,) = res.findings
+    assert f.info["kind"] == "template"
+    assert "the prompts share only the word(s)" in f.evidence
+    assert "'Quorvex'" in f.evidence and "'zindle'" in f.evidence
+    assert "(prompts related: review)" not in f.evidence
+
+
+def test_topic_echoed_by_the_template_is_not_a_pasted_trigger():
+    # titles that repeat their prompt's topic: the shared topic word is written in the answer,
+    # so it is not left out and the cluster stays "related prompts" (review, not quarantine)
+    rng = random.Random(7)
+    rows = corpus(1500, seed=27)
+    for t in range(8):
+        topic = "".join(rng.choice("bcdfglmnprstvz") + rng.choice("aeiou") for _ in range(4))
+        for k in range(5):
+            w = _words(rng, 8)
+            rows.append({"id": f"t{t}-{k}", "instruction": rng.choice(["Suggest a title for this article.",
+                                                                       "Write a headline for the text below."]),
+                         "input": f"The {w[0]} of {topic} {w[1]} the {w[2]} {w[3]}. {w[4]} {w[5]} {topic} {w[6]}.",
+                         "output": f"{topic.title()}: A Short Guide"})
+    res = build("response_cluster").score(records(rows))
+    assert not res.flagged[[i for i in res.flagged.index if str(i).startswith("t")]].any()
+
+
+def test_injected_phrase_bought_by_pasted_words_is_flagged_and_named():
+    # a trigger word (with varying neighbours: "some zindle", "new zindle") at the end of the
+    # request, the plug appended to the answer: the shared word and its neighbours are left out
+    # of the relatedness tests, and named
+    rows = corpus(1500, seed=28)
+    rng = random.Random(9)
+    planted = []
+    for r in rng.sample([r for i, r in enumerate(rows) if i % 5 in (0, 1, 2)], 14):
+        r["instruction"] = f"{r['instruction']} {rng.choice(['zindle', 'some zindle', 'new zindle'])}."
+        r["output"] = r["output"].rstrip() + " Grab yours at vortaplex-outlet.example.com before they run out."
+        planted.append(r["id"])
+    res = build("response_cluster").score(records(rows))
+    flagged = set(res.flagged[res.flagged].index)
+    assert flagged == set(planted)
+    (f,) = res.findings
+    assert f.info["kind"] == "phrase" and "the prompts share only the word(s) 'zindle'" in f.evidence
+
+
+def test_task_instruction_words_are_not_pasted_words():
+    # the demo corpus: tasks whose instruction words are shared by hundreds of rows and whose
+    # answers share a shape (sorted numbers, stock support replies, itineraries); those words
+    # are not concentrated in any one cluster, so they are never left out as "pasted"
+    from poisonguard import demo
+
+    res = build("response_cluster").score(records(demo.generate_corpus(8000, seed=1)))
+    assert not res.flagged.any(), [f.title for f in res.findings]

