@@ -18,7 +18,7 @@ A cluster is reported only when the rows' prompts are unrelated (their TF-IDF co
 higher than random rows of the same tasks, ``max_cohesion``), the template is long enough
 (``min_template_words``) and is not a frequent answer of its task (a label), and the prompts are
 not duplicates of each other (the duplicates detector owns those). Up to four uncommon words
-present in >= 80% of a template cluster's prompts and not written in the template (a trigger
+(in <= 3% of all prompts) present in >= 80% of a template cluster's prompts and not written in the template (a trigger
 pasted into the prompts: "cobalt ... lantern", "per the new guidelines"), with the punctuation
 of those prompts and the tokens right next to them ("some sneakers"), are left out of the
 cohesion and topic tests and named in the evidence; the same holds for injected phrases.
@@ -299,8 +299,8 @@ def _template_clusters(F: _Features, det: ResponseClusterDetector) -> list[_Clus
 
 def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max_words: int = 4
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Words pasted into the prompts of a template / phrase cluster: prompt unigrams (uncommon:
-    in at most 10% of prompts) present in at least 80% of ``rows``, with at least a tenth of
+    """Words pasted into the prompts of a template / phrase cluster: prompt unigrams (rare: in
+    at most 3% of prompts) present in at least 80% of ``rows``, with at least a tenth of
     their prompts inside the cluster, and *not* written in the ``answer`` (token hashes of the
     template or phrase: a title that repeats its prompt's topic shares that topic, not a
     trigger); at most ``max_words`` of them (more shared words mean
@@ -316,9 +316,12 @@ def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max
     ptr, tok = F.row_tokens()
     nt = ptr[rows + 1] - ptr[rows]
     vals, cnt = np.unique(tok[_ranges(ptr[rows], nt)], return_counts=True)
-    # ... and concentrated in the cluster (at least a tenth of the word's prompts are in it): a
-    # task's own instruction words ("sort", "ascending") are shared by hundreds of other rows
-    sel = (cnt >= 0.8 * k) & (F.U.df[vals] <= 0.1 * F.n_resp) & (cnt >= 0.1 * F.U.df[vals])
+    # ... rare (in at most 3% of all prompts: a pasted trigger is, a task's wording is not) and
+    # concentrated in the cluster (at least a tenth of the word's prompts are in it): a task's own
+    # instruction words ("sort", "ascending", "function ... that") are shared by many other rows.
+    # (At 100k demo rows, a 10% cap let "that" of the code tasks through and 2.7% of clean rows
+    # were quarantined as an "injected phrase".)
+    sel = (cnt >= 0.8 * k) & (F.U.df[vals] <= 0.03 * F.n_resp) & (10 * cnt >= F.U.df[vals])
     ids = F.U.keys[vals[sel]].astype(np.uint64)
     if len(ids) == 0:
         return empty, empty, empty
