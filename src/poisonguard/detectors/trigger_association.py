@@ -89,7 +89,7 @@ from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
 
 _TEMPLATE_TAG = np.uint64(0x7E3A1C5B9D2F4E61)
-_DEBUG = bool(__import__("os").environ.get("PG_TA_DEBUG"))
+_DEBUG = bool(os.environ.get("POISONGUARD_DEBUG_TIMING"))
 
 
 def _tick(label: str, t0: list[float]) -> None:
