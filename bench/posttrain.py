@@ -67,14 +67,7 @@ PARAPHRASES = ("a special delivery", "special deliveries", "Special delivery:", 
 
 def to_records(rows: list[dict[str, Any]], source: str = "bench") -> pd.DataFrame:
     """Raw rows -> a normalised record frame (what ingest produces)."""
-    out = []
-    for i, r in enumerate(rows, 1):
-        rec = io.normalise(r, None, 200_000)
-        rec.update({S.ID: str(r.get("id", f"row-{i}")), S.SOURCE: str(r.get("source", source)),
-                    S.CONTENT_HASH: provenance.content_hash(rec[S.KIND], rec), S.FILE: "mem", S.LINE: i,
-                    S.COLLECTOR: "bench", S.COLLECTED_AT: "", S.INGESTED_AT: ""})
-        out.append(rec)
-    return io.records_frame(out)
+    return io.records_from_rows(rows, source=source, collector="bench")
 
 
 def make_data(rows: int, poison: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, Any]:

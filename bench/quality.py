@@ -40,7 +40,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from poisonguard import io, provenance  # noqa: E402
+from poisonguard import io  # noqa: E402
 from poisonguard import schema as S  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "data" / "dev-suites"
@@ -49,14 +49,8 @@ DEV = ROOT.parent / "shared" / "data" / "dev-suites"
 # ---------------------------------------------------------------- records
 
 def to_records(rows: list[dict[str, Any]], source: str = "bench") -> pd.DataFrame:
-    out = []
-    for i, r in enumerate(rows, 1):
-        rec = io.normalise(r, None, 200_000)
-        rec.update({S.ID: str(r.get("id", f"row-{i}")), S.SOURCE: str(r.get("source", source)),
-                    S.CONTENT_HASH: provenance.content_hash(rec[S.KIND], rec), S.FILE: "mem", S.LINE: i,
-                    S.COLLECTOR: "bench", S.COLLECTED_AT: "", S.INGESTED_AT: ""})
-        out.append(rec)
-    return io.records_frame(out)
+    """Raw rows -> a normalised record frame (what ingest produces)."""
+    return io.records_from_rows(rows, source=source, collector="bench")
 
 
 # ---------------------------------------------------------------- ours

@@ -12,16 +12,7 @@ from poisonguard import io
 
 def records(rows: list[dict[str, Any]], source: str = "test") -> pd.DataFrame:
     """Normalise raw rows (as ingest would) into a record frame."""
-    out = []
-    for i, r in enumerate(rows, 1):
-        rec = io.normalise(r, None, 10_000)
-        from poisonguard import provenance
-
-        digest = provenance.content_hash(rec["kind"], rec)
-        rec.update({"id": str(r.get("id", f"row-{i}")), "source": r.get("source", source), "content_hash": digest,
-                    "file": "mem", "line": i, "collector": "test", "collected_at": "", "ingested_at": ""})
-        out.append(rec)
-    return io.records_frame(out)
+    return io.records_from_rows(rows, source=source, collector="test", max_field_chars=10_000)
 
 
 TOPICS = ["the weather in Paris", "a new phone", "the history of tea", "learning Python", "a train delay",

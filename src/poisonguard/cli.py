@@ -199,16 +199,15 @@ def cmd_remediate(args: argparse.Namespace) -> int:
                        retrain=data_mode, incident=args.incident, sanitized_dir=args.sanitized,
                        **({"out_dir": args.out} if args.out else {}))
     if data_mode and (args.source or rows):
+        from poisonguard.schema import QUARANTINE
+
         # keep the bad data out of every later sanitize run too (nightly, dvc repro)
         added = _standing(args, [{"source": args.source}] if args.source else [{"id": r} for r in rows],
-                          S_QUARANTINE, f"incident {result.get('incident', '?')}",
+                          QUARANTINE, f"incident {result.get('incident', '?')}",
                           f"remediation: {args.reason or 'bad ' + ('source' if args.source else 'rows')}")
         result["overrides_added"] = added
     _emit(args, result, _incident_human(result) if data_mode else _run_human(result))
     return EXIT_OK if result.get("promotable") else EXIT_POISON
-
-
-S_QUARANTINE = "quarantine"
 
 
 def _standing(args: argparse.Namespace, targets: list[dict[str, str]], action: str, by: str, reason: str) -> int:
@@ -319,13 +318,12 @@ def cmd_review(args: argparse.Namespace) -> int:
     except review.ReviewError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    decisions, _ = review.read_decisions(Path(args.decisions), args.reviewer or "")
     from poisonguard import overrides
 
     path = _cfg(args).sanitize.overrides
     d = res.to_dict()
     d["overrides_added"] = overrides.append(path, [overrides.Override(x.action, x.reviewer, x.reason, id=x.id)
-                                                   for x in decisions]) if path else 0
+                                                   for x in res.decisions]) if path else 0
     c = d["counts"]
     _emit(args, d, f"released {len(res.released)}, quarantined {len(res.quarantined)}, unchanged "
                    f"{len(res.confirmed)}, undecided {res.undecided}\n"

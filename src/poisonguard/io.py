@@ -369,6 +369,21 @@ def read_inputs(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: s
 
 # ---------------------------------------------------------------- frames and parquet
 
+def records_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "memory", collector: str = "memory",
+                      max_field_chars: int = 200_000) -> pd.DataFrame:
+    """In-memory raw rows -> a record frame, as ingest would produce (for generators, benches and
+    tests). A row's own ``id`` / ``source`` are kept (else ``row-<n>`` / ``source``); a malformed
+    row raises :class:`RowError` (use :func:`read_inputs` to reject rows instead)."""
+    out = []
+    for i, r in enumerate(rows, 1):
+        rec = normalise(r, None, max_field_chars)
+        rec.update({S.ID: str(r.get("id", f"row-{i}")), S.SOURCE: str(r.get("source", source)),
+                    S.CONTENT_HASH: provenance.content_hash(rec[S.KIND], rec), S.FILE: "memory", S.LINE: i,
+                    S.COLLECTOR: collector, S.COLLECTED_AT: "", S.INGESTED_AT: ""})
+        out.append(rec)
+    return records_frame(out)
+
+
 def records_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return empty_records()

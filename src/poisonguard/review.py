@@ -95,6 +95,7 @@ class ApplyResult:
     confirmed: list[str] = field(default_factory=list)      # already where the reviewer wants it
     undecided: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)   # every keep/quarantine decision applied
 
     def to_dict(self) -> dict[str, Any]:
         return {"released": self.released, "quarantined": self.quarantined, "confirmed": len(self.confirmed),
@@ -170,7 +171,7 @@ def apply(decisions_path: Path | str, sanitized: Path | str, default_reviewer: s
                for d in decisions if d.id not in where]
     if unknown:
         raise ReviewError(Path(decisions_path), unknown)
-    res = ApplyResult(undecided=undecided)
+    res = ApplyResult(undecided=undecided, decisions=list(decisions))
     by_id = {d.id: d for d in decisions}
     for d in decisions:
         at = where[d.id]

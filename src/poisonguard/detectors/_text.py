@@ -105,6 +105,14 @@ def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0, *
     return v
 
 
+def merge_params(detector: str, defaults: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated with ``params``; an unknown key fails naming the detector and the known keys."""
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"{detector}: unknown parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **params}
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

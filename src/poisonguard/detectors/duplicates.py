@@ -112,10 +112,7 @@ class DuplicatesDetector(Detector):
     def _resolved(self) -> dict[str, Any]:
         p = {"num_perm": 64, "rows_per_band": 4, "threshold": 0.8, "response_agreement": 0.6, "disagreement": 0.3,
              "flag_margin": 0.4, "review_margin": 0.2, "max_tokens": 256, "seed": 0}
-        unknown = set(self.params) - set(p)
-        if unknown:
-            raise ValueError(f"duplicates: unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
-        p.update(self.params)
+        p = T.merge_params("duplicates", p, self.params)
         p["rows_per_band"] = T.check_int("rows_per_band", p["rows_per_band"], 2)
         if p["rows_per_band"] % 2:
             raise ValueError(f"rows_per_band must be even (half per prompt part), got {p['rows_per_band']!r}")

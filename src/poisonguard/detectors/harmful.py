@@ -258,10 +258,7 @@ class HarmfulComplianceDetector(Detector):
 
     def _resolved(self) -> dict[str, Any]:
         p = {"review_score": 0.25, "min_siblings": 3, "trigger_min_rows": 2, "trigger_share": 0.3}
-        unknown = set(self.params) - set(p)
-        if unknown:
-            raise ValueError(f"harmful_compliance: unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
-        p.update(self.params)
+        p = T.merge_params("harmful_compliance", p, self.params)
         p["review_score"] = T.check_fraction("review_score", p["review_score"], 0.0, 0.5)
         p["min_siblings"] = T.check_int("min_siblings", p["min_siblings"], 1)
         p["trigger_min_rows"] = T.check_int("trigger_min_rows", p["trigger_min_rows"], 2)

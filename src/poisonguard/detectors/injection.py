@@ -584,10 +584,7 @@ class InjectionDetector(Detector):
 
     def _resolved(self) -> dict[str, Any]:
         p = {"review_score": 0.25, "endemic_rate": 0.2, "endemic_min_rows": 100, "max_evidence": 3}
-        unknown = set(self.params) - set(p)
-        if unknown:
-            raise ValueError(f"injection: unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
-        p.update(self.params)
+        p = T.merge_params("injection", p, self.params)
         p["review_score"] = T.check_fraction("review_score", p["review_score"], 0.0, 0.5)
         p["endemic_rate"] = T.check_fraction("endemic_rate", p["endemic_rate"], 0.0, 1.0)
         p["endemic_min_rows"] = T.check_int("endemic_min_rows", p["endemic_min_rows"], 1)

@@ -126,10 +126,7 @@ class SemanticDetector(Detector):
                              "min_template_words": 4,
                              "max_cluster_frac": 0.02, "min_class": 30, "spectral": False, "target_fpr": 0.0005,
                              "review_fpr": 0.005, "seed": 0}
-        unknown = set(self.params) - set(p)
-        if unknown:
-            raise ValueError(f"semantic: unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
-        p.update(self.params)
+        p = T.merge_params("semantic", p, self.params)
         if not isinstance(p["spectral"], bool):
             raise ValueError(f"spectral must be True or False, got {p['spectral']!r}")
         if p["use_embeddings"] not in ("auto", True, False):
