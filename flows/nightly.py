@@ -31,7 +31,10 @@ def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, An
     cfg = load_config(params_path if Path(params_path).exists() else None)
     if demo and cfg.nightly.use_demo_data:
         t.demo_data(cfg.demo, str(paths.RAW))
-    ing = t.ingest(cfg.ingest, list(cfg.ingest.inputs), str(paths.INGESTED))
+    ingest_cfg = cfg.ingest
+    if cfg.nightly.shards > 1 and ingest_cfg.shards == 1:  # shards on disk: each worker reads its own
+        ingest_cfg = ingest_cfg.model_copy(update={"shards": cfg.nightly.shards})
+    ing = t.ingest(ingest_cfg, list(cfg.ingest.inputs), str(paths.INGESTED))
     prov = t.provenance(str(paths.INGESTED), str(paths.PROVENANCE))
     if cfg.nightly.shards > 1 or cfg.nightly.dask_address:
         from flows import sanitize_distributed
@@ -39,8 +42,9 @@ def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, An
         san = sanitize_distributed.run(cfg.nightly, cfg.sanitize, in_dir=str(paths.INGESTED),
                                        out_dir=str(paths.SANITIZED), provenance_dir=str(paths.PROVENANCE))
     else:
-        san = t.sanitize(cfg.sanitize, str(paths.INGESTED), str(paths.SANITIZED), str(paths.PROVENANCE))
-    logger.info("sanitize: %s", san["counts"])
+        san = t.sanitize(cfg.sanitize, str(paths.INGESTED), str(paths.SANITIZED), str(paths.PROVENANCE),
+                         incremental=cfg.nightly.incremental)
+    logger.info("sanitize: %s %s", san["counts"], san.get("incremental", ""))
     ft = t.finetune(cfg.finetune, str(paths.SANITIZED), str(paths.PROVENANCE), str(paths.MODEL))
     sc = t.scan(cfg.scan, str(paths.MODEL), str(paths.SANITIZED), str(paths.SCAN_REPORT))
     if sc["verdict"] == "backdoor":

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
 from poisonguard import paths, sharded, stages
-from poisonguard.config import NightlyConfig, SanitizeConfig, load_config
+from poisonguard.config import IncrementalConfig, NightlyConfig, SanitizeConfig, load_config
 
 
 @task(name="summarize-shard", cache_policy=NO_CACHE)
@@ -55,16 +55,16 @@ def dask_runner(cfg: NightlyConfig) -> DaskTaskRunner:
 
 @flow(name="poisonguard-sanitize-distributed", log_prints=True, task_runner=DaskTaskRunner())
 def sanitize_distributed(cfg: SanitizeConfig, n_shards: int, in_dir: str = str(paths.INGESTED),
-                         out_dir: str = str(paths.SANITIZED), provenance_dir: str = str(paths.PROVENANCE)
-                         ) -> dict[str, Any]:
+                         out_dir: str = str(paths.SANITIZED), provenance_dir: str = str(paths.PROVENANCE),
+                         incremental: IncrementalConfig | None = None) -> dict[str, Any]:
     return stages.sanitize(cfg, Path(in_dir), Path(out_dir), Path(provenance_dir), n_shards=n_shards,
-                           map_=prefect_map)
+                           map_=prefect_map, incremental=incremental)
 
 
 def run(cfg_nightly: NightlyConfig, cfg: SanitizeConfig, **kw: Any) -> dict[str, Any]:
     """The flow on the runner the nightly config asks for."""
     return sanitize_distributed.with_options(task_runner=dask_runner(cfg_nightly))(
-        cfg, max(cfg_nightly.shards, 2), **kw)
+        cfg, max(cfg_nightly.shards, 2), incremental=cfg_nightly.incremental, **kw)
 
 
 if __name__ == "__main__":

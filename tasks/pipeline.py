@@ -83,8 +83,8 @@ def provenance(in_dir: str = str(paths.INGESTED), out_dir: str = str(paths.PROVE
 @_stage("sanitize", lambda p: [p["in_dir"], p["provenance_dir"]], lambda p: [p["out_dir"]],
         retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient)
 def sanitize(cfg, in_dir: str = str(paths.INGESTED), out_dir: str = str(paths.SANITIZED),  # noqa: ANN001
-             provenance_dir: str = str(paths.PROVENANCE)) -> dict[str, Any]:
-    return stages.sanitize(cfg, Path(in_dir), Path(out_dir), Path(provenance_dir))
+             provenance_dir: str = str(paths.PROVENANCE), incremental=None) -> dict[str, Any]:  # noqa: ANN001
+    return stages.sanitize(cfg, Path(in_dir), Path(out_dir), Path(provenance_dir), incremental=incremental)
 
 
 @_stage("finetune", lambda p: [Path(p["sanitized_dir"]) / paths.CLEAN_FILE], lambda p: [p["out_dir"]])

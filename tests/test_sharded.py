@@ -77,3 +77,40 @@ def test_dask_local_cluster_gives_the_same_result(frame):
             return client.gather(client.map(fn, *iterables, pure=False))
         res = sharded.sanitize_sharded(recs, CFG, n_shards=4, map_=dmap)
     _same(res, san.sanitize(recs, CFG))
+
+
+def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
+    """``ingest.shards``: records.parquet is a folder of part files keyed by content hash; every
+    stage reads it as one dataset, and the sharded sanitize hands each per-shard step its file."""
+    import json
+
+    from poisonguard import io, paths, stages
+    from poisonguard.config import IngestConfig
+
+    recs, truth = frame
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(io.to_native(r)) + "\n" for r in recs.to_dict("records")))
+    ing = tmp_path / "ingested"
+    out = stages.ingest(IngestConfig(shards=4), ing, [raw])
+    parts = io.shard_files(ing / paths.RECORDS_FILE)
+    assert out["shards"] == len(parts) == 4
+    back = io.read_records(ing / paths.RECORDS_FILE)
+    assert sorted(back[S.ID]) == sorted(recs[S.ID])
+    for k, p in enumerate(parts):  # each row sits in the shard its content hash names
+        shard = io.read_records(p)
+        assert (sharded.shard_index(shard[S.CONTENT_HASH], 4) == k).all()
+    seen: list[type] = []
+
+    def spy_map(fn, *iterables):
+        seen.extend(type(x) for x in iterables[0])
+        return list(map(fn, *iterables))
+
+    stages.provenance_stage(ing, tmp_path / "prov")
+    res = stages.sanitize(CFG, ing, tmp_path / "san", tmp_path / "prov", n_shards=4, map_=spy_map)
+    assert seen and all(issubclass(t, __import__("pathlib").Path) for t in seen)
+    q = io.read_parquet(tmp_path / "san" / paths.QUARANTINE_FILE)
+    assert truth <= set(q[S.ID])
+    assert res["counts"]["rows_in"] == len(recs)
+    # re-ingesting without shards replaces the folder by one file
+    stages.ingest(IngestConfig(), ing, [raw])
+    assert (ing / paths.RECORDS_FILE).is_file()

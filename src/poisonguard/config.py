@@ -34,6 +34,8 @@ class IngestConfig(_Frozen):
     collector: str = "poisonguard-ingest"
     collected_at: str | None = None
     max_field_chars: int = 200_000
+    #: > 1: write records.parquet as a folder of this many shards keyed by content hash
+    shards: int = Field(1, ge=1)
 
     @field_validator("layout")
     @classmethod
@@ -80,6 +82,22 @@ class SanitizeConfig(_Frozen):
         return {k: dict(p or {}) for k, p in v.items()}
 
 
+class IncrementalConfig(_Frozen):
+    """Nightly runs that re-check only new rows (:mod:`poisonguard.incremental`)."""
+
+    enabled: bool = True
+    #: a full run after this many incremental ones (0 = never forced)
+    full_every: int = Field(7, ge=0)
+    #: more new rows than this share of the data: run in full
+    max_new_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    #: old rows sampled as the detectors' baseline: this many per new row ...
+    baseline_factor: float = Field(1.0, ge=0.0)
+    #: ... and at least this many
+    min_baseline: int = Field(20_000, ge=0)
+    #: old rows re-checked per prompt that a new row repeats (duplicates with other answers)
+    max_twins: int = Field(8, ge=0)
+
+
 class NightlyConfig(_Frozen):
     """The scheduled flow."""
 
@@ -91,6 +109,8 @@ class NightlyConfig(_Frozen):
     #: an existing Dask scheduler ("tcp://host:8786"); None = a LocalCluster of dask_workers processes
     dask_address: str | None = None
     dask_workers: int = Field(2, ge=1)
+    #: re-check only rows the last run has not seen (ledger in the state folder)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
 
 
 class PipelineConfig(_Frozen):

@@ -416,13 +416,21 @@ def write_parquet(df: pd.DataFrame, path: Path, required: Iterable[str] = ()) ->
     return path
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The ``part-*.parquet`` files of a sharded dataset folder, in shard order."""
+    return sorted(Path(path).glob("part-*.parquet"))
+
+
 def read_parquet(path: Path, required: Iterable[str] = ()) -> pd.DataFrame:
-    """Read a frame written by poisonguard, checking its required columns."""
+    """Read a frame written by poisonguard (one file, or a folder of ``part-*.parquet`` shards),
+    checking its required columns."""
     path = Path(path)
-    if not path.is_file():
+    parts = shard_files(path) if path.is_dir() else [path]
+    if not path.exists() or not parts:
         raise InputFileError(f"{path}: no such file (did the previous stage run?)")
     try:
-        df = pq.read_table(path).to_pandas()
+        tables = [pq.read_table(p) for p in parts]
+        df = (pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]).to_pandas()
     except (pa.ArrowException, OSError) as e:
         raise InputFileError(f"{path}: cannot read Parquet: {e}") from e
     missing = [c for c in required if c not in df.columns]
@@ -453,5 +461,5 @@ def to_native(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["InputFileError", "ReadOptions", "IngestResult", "read_file", "read_inputs", "normalise",
-           "detect_format", "detect_layout", "read_records", "write_records", "read_parquet",
+           "detect_format", "detect_layout", "read_records", "shard_files", "write_records", "read_parquet",
            "write_parquet", "to_native", "REASONS", "empty_records"]

@@ -164,6 +164,10 @@ def to_markdown(rep: dict[str, Any]) -> str:
                 lines.append(f"| {s.get('source')} | {s.get('rows')} | {s.get('quarantined')} | {s.get('review')} "
                              f"| {float(s.get('rate', 0)):.4%} | {'**suspicious**' if s.get('flag') else ''} |")
             lines.append("")
+        inc = san.get("incremental") or {}
+        if inc:
+            lines += ["## Mode", "", f"{inc.get('mode')} run: {inc.get('reason')}. Detectors saw {inc.get('delta')} "
+                      f"rows ({inc.get('new')} new); {inc.get('carried_over', 0)} rows kept the ledger's decision.", ""]
         lines += ["## Detectors", "", "| detector | flagged | review | findings | seconds |",
                   "|---|---:|---:|---:|---:|"]
         for name, d in san["detectors"].items():
@@ -600,6 +604,9 @@ def _sanitize_sections(san: dict[str, Any]) -> list[tuple[str, str, str]]:
                 for n, d in san.get("detectors", {}).items()]
     out.append(("detectors", "Detectors", _table(det_rows, ["detector", "flagged", "review", "findings", "seconds"],
                                                  num=("flagged", "review", "findings", "seconds"))))
+    inc = san.get("incremental") or {}
+    if inc:
+        out.append(("incremental", "Incremental run", _kv([(k, v) for k, v in inc.items() if k != "fingerprint"])))
     llm = san.get("llm_review") or {}
     out.append(("llm", "LLM review", _kv([(k, v) for k, v in llm.items()]) if llm.get("ran") else
                 f"<p class='muted'>Did not run: {html.escape(str(llm.get('reason', 'not configured')))}.</p>"))

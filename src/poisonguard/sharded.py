@@ -139,15 +139,21 @@ MapFn = Callable[..., Iterable[Any]]
 
 
 def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int = 4, map_: MapFn = map,
-                     progress: Callable[[str], None] | None = None):  # noqa: ANN201 - SanitizeResult
-    """:func:`poisonguard.sanitize.sanitize` run shard by shard; ``map_`` may be parallel."""
+                     progress: Callable[[str], None] | None = None,
+                     shard_files: Sequence[Path] | None = None):  # noqa: ANN201 - SanitizeResult
+    """:func:`poisonguard.sanitize.sanitize` run shard by shard; ``map_`` may be parallel.
+
+    ``shard_files``: the same rows already written as shards (ingest with ``shards``); the
+    per-shard steps then read their own file (on a Dask worker: from disk, not from the driver).
+    """
     from poisonguard import sanitize as san
 
     if records[S.ID].duplicated().any():
         dup = records.loc[records[S.ID].duplicated(), S.ID].iloc[:3].tolist()
         raise ValueError(f"record ids must be unique; repeated: {dup}")
     t0 = time.perf_counter()
-    shards = [s for s in split(records, n_shards) if len(s)] or [records.iloc[:0]]
+    shards: list[Any] = list(shard_files) if shard_files else \
+        [s for s in split(records, n_shards) if len(s)] or [records.iloc[:0]]
     if progress:
         progress("summarize")
     summaries = list(map_(summarize_shard, shards, [cfg] * len(shards)))

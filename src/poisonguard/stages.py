@@ -21,7 +21,7 @@ import pandas as pd
 from poisonguard import audit, code_version, io, lineage, overrides, paths, provenance
 from poisonguard import report as rpt
 from poisonguard import schema as S
-from poisonguard.config import IngestConfig, SanitizeConfig, section
+from poisonguard.config import IncrementalConfig, IngestConfig, SanitizeConfig, section
 from poisonguard.demo import DemoConfig
 from poisonguard.model_config import FinetuneConfig, PruneConfig, ScanConfig
 
@@ -78,9 +78,22 @@ def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[P
     t0 = time.perf_counter()
     res = io.read_inputs(files, opts, fmt=cfg.format, sources=cfg.sources, progress=progress)
     out_dir = Path(out_dir)
-    io.write_records(res.records, out_dir / paths.RECORDS_FILE)
+    target = out_dir / paths.RECORDS_FILE
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    if cfg.shards > 1:
+        from poisonguard import sharded
+
+        sharded.write_shards(res.records, target, cfg.shards)  # a folder of part-*.parquet files
+        if not io.shard_files(target):
+            io.write_records(res.records.iloc[:0], target / "part-00000.parquet")
+    else:
+        io.write_records(res.records, target)
     io.write_parquet(res.rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
     summary = {"rows_in": res.rows_in, "records": len(res.records), "rejected": len(res.rejected),
+               "shards": len(io.shard_files(target)) if target.is_dir() else 1,
                "inputs": [str(f) for f in files], "per_file": res.per_file,
                "seconds": round(time.perf_counter() - t0, 3)}
     _write_json(out_dir / "ingest.json", summary)
@@ -120,11 +133,14 @@ def _record_snapshot(records: pd.DataFrame, kind: str, where: Path, reason: str 
 
 def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path = paths.SANITIZED,
              provenance_dir: Path | None = paths.PROVENANCE, progress: Progress = None,
-             n_shards: int = 1, map_: Callable[..., Any] | None = None) -> dict[str, Any]:
+             n_shards: int = 1, map_: Callable[..., Any] | None = None,
+             incremental: IncrementalConfig | None = None, ledger_dir: Path | None = None) -> dict[str, Any]:
     """Run the detectors and write clean/quarantine/rejected parquet files plus the reports.
 
     With ``n_shards > 1`` the detectors run shard by shard (:mod:`poisonguard.sharded`), the
     per-shard steps through ``map_`` (e.g. Prefect tasks on a Dask cluster); same result.
+    With ``incremental`` (enabled) only rows the ledger has not seen are re-checked
+    (:mod:`poisonguard.incremental`; ledger in ``ledger_dir``, default ``<state>/ledger``).
     """
     from poisonguard import sanitize as san
     from poisonguard.source_rollup import rollup
@@ -138,14 +154,29 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
         snap_root = read_json(Path(provenance_dir) / paths.SNAPSHOT_FILE)["snapshot_root"]
     reference = _load_reference(cfg.reference) if cfg.reference else None
     t0 = time.perf_counter()
-    if n_shards > 1:
-        if reference is not None:
-            raise ValueError("sanitize.reference is not supported with sharded runs yet; use n_shards=1")
-        from poisonguard import sharded
+    if n_shards > 1 and reference is not None:
+        raise ValueError("sanitize.reference is not supported with sharded runs yet; use n_shards=1")
 
-        res = sharded.sanitize_sharded(records, cfg, n_shards=n_shards, map_=map_ or map, progress=progress)
+    parts = io.shard_files(in_dir / paths.RECORDS_FILE) if (in_dir / paths.RECORDS_FILE).is_dir() else []
+
+    def run(rows: pd.DataFrame) -> san.SanitizeResult:
+        if n_shards > 1:
+            from poisonguard import sharded
+
+            # ingest's shards are the same split: the workers read their own file from disk
+            files = parts if len(parts) == n_shards and len(rows) == len(records) else None
+            return sharded.sanitize_sharded(rows, cfg, n_shards=n_shards, map_=map_ or map, progress=progress,
+                                            shard_files=files)
+        return san.sanitize(rows, cfg, reference=reference, progress=progress)
+
+    inc_info: dict[str, Any] | None = None
+    if incremental is not None and incremental.enabled:
+        from poisonguard import incremental as incr
+
+        ledger = Path(ledger_dir) if ledger_dir is not None else audit.state_dir() / "ledger"
+        res, inc_info = incr.sanitize_incremental(records, cfg, ledger, incremental, run)
     else:
-        res = san.sanitize(records, cfg, reference=reference, progress=progress)
+        res = run(records)
     standing = overrides.load(cfg.overrides)
     if standing:
         res.decisions, extra, applied = overrides.apply(res.decisions, res.records, standing)
@@ -155,6 +186,8 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     rep = rpt.sanitize_report(res, rows_in=ingest_summary["rows_in"], rejected=rejected, snapshot_root=snap_root,
                               per_source=per_source, inputs=ingest_summary.get("inputs"))
     rep["seconds"] = round(time.perf_counter() - t0, 3)
+    if inc_info is not None:
+        rep["incremental"] = inc_info
     rep["code_version"] = code_version()
     rep["params"] = section(cfg)
     io.write_parquet(res.clean, out_dir / paths.CLEAN_FILE, S.RECORD_COLUMNS)
@@ -170,9 +203,12 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
                      details={"counts": rep["counts"], "verdict": rep["verdict"],
                               "sources": held[S.SOURCE].value_counts().to_dict(),
                               "findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:10]]})
-    return {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
-            "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
-            "report": str(out_dir / paths.REPORT_HTML), "seconds": rep["seconds"]}
+    out = {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
+           "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
+           "report": str(out_dir / paths.REPORT_HTML), "seconds": rep["seconds"]}
+    if inc_info is not None:
+        out["incremental"] = {k: inc_info[k] for k in ("mode", "reason", "new", "delta") if k in inc_info}
+    return out
 
 
 def _load_reference(path: str) -> pd.DataFrame:

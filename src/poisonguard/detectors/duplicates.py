@@ -61,6 +61,7 @@ from poisonguard.detectors.base import Detector, DetectorResult, Finding
 from poisonguard.detectors.registry import register
 
 _PREVIEW = 240
+_MAX_REPS = 64
 
 
 _WORDS = re.compile(r"\w+")
@@ -331,9 +332,17 @@ def _response_clusters(members: list[int], digest: np.ndarray, preview: list[str
             continue
         toks = _tokset(preview[i])
         cid = None
-        for c, rt in reps:
-            union = len(toks | rt)
-            if union and len(toks & rt) / union >= agree:
+        nt = len(toks)
+        # a consensus answer founds one of the first clusters (rows are in hashed-id order), so
+        # later rows are compared with the first _MAX_REPS clusters only: linear, not quadratic,
+        # in a big group of all-different answers
+        for c, rt in reps[:_MAX_REPS]:
+            nr = len(rt)
+            if min(nt, nr) < agree * max(nt, nr):   # Jaccard <= min/max: cannot reach `agree`
+                continue
+            inter = len(toks & rt)
+            union = nt + nr - inter
+            if union and inter / union >= agree:
                 cid = c
                 break
         if cid is None:

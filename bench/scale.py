@@ -1,0 +1,381 @@
+"""Scale benchmark: sanitize at 1M and 5M rows, single process vs Dask, and the nightly increment.
+
+Data: :func:`poisonguard.demo.generate_corpus` instruction rows, generated in chunks of 100k and
+written once to ``<workdir>/data-<N>.parquet``, with five zoo attacks at a fixed count each
+(``--poison`` rows of ``phrase``, ``rare_token``, ``invisible_unicode``, ``temporal`` and
+``content_injection``, each inside its own chunk of rows). Generating the data is not timed.
+
+Runs, each in its own subprocess (so its peak memory is its own):
+
+* ``single N``    :func:`poisonguard.sanitize.sanitize` on all N rows in one process;
+* ``dask N``      :func:`poisonguard.sharded.sanitize_sharded` with ``--shards`` shards on a
+  ``distributed.LocalCluster`` of 2 worker processes (1 thread each): summaries and scoring run
+  on the workers, the merge in the driver;
+* ``increment``   the nightly path (:func:`poisonguard.incremental.sanitize_incremental`): a full
+  run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows (another
+  ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows) are sanitized
+  incrementally and, for comparison, in full: wall time, recall and false-positive rate of both.
+
+Memory: ``peak_rss_mb`` is the largest resident set size of any one process of the run (the
+driver or one Dask worker), sampled every 50 ms with psutil; ``peak_total_mb`` the largest sum
+over the process tree. A run whose one process goes above ``--max-rss-gb`` is stopped and
+reported as such (this protects the machine: a 24 GB box cannot swap its way through 5M rows).
+
+    python bench/scale.py [--sizes 1000000,5000000] [--modes single,dask,increment] [--workdir DIR]
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+ATTACKS = ("phrase", "rare_token", "invisible_unicode", "temporal", "content_injection")
+CHUNK = 100_000
+MODES = ("single", "dask", "increment")
+
+
+# ---------------------------------------------------------------- memory
+
+class TreeRSS:
+    """Sample the RSS of this process and all its descendants every ``interval`` seconds;
+    stop the process (exit 3) when one process exceeds ``limit`` bytes."""
+
+    def __init__(self, limit: float = 0, interval: float = 0.05) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self.limit = limit
+        self.interval = interval
+        self.peak_one = 0
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        procs = [self._proc]
+        try:
+            procs += self._proc.children(recursive=True)
+        except self._psutil.Error:
+            pass
+        rss = []
+        for p in procs:
+            try:
+                rss.append(p.memory_info().rss)
+            except self._psutil.Error:
+                pass
+        if rss:
+            self.peak_one = max(self.peak_one, max(rss))
+            self.peak_total = max(self.peak_total, sum(rss))
+        if self.limit and self.peak_one > self.limit:
+            print(json.dumps({"status": f"stopped: one process went above {self.limit / 2**30:.1f} GB",
+                              "peak_rss_mb": self.peak_one >> 20, "peak_total_mb": self.peak_total >> 20}),
+                  flush=True)
+            os._exit(3)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRSS:
+        self.peak_one = self.peak_total = 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._stop.clear()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.sample()
+
+
+# ---------------------------------------------------------------- data
+
+def _chunk(n: int, seed: int, prefix: str, attack: str | None, poison: int):
+    from poisonguard import attacks, demo, io
+
+    rows = demo.generate_corpus(n, seed=seed, source="bulk", id_prefix=prefix)
+    poisoned: list[str] = []
+    if attack:
+        rows, res = attacks.apply_attack(rows, attack, min(poison, n), seed=seed)
+        poisoned = list(res.poisoned_ids)
+        for r in rows:
+            if r["id"] in set(poisoned):
+                r["source"] = "vendor"
+    return io.records_from_rows(rows, source="bulk", collector="bench"), poisoned
+
+
+def make_data(workdir: Path, n: int, poison: int, seed: int = 0, prefix: str = "r") -> tuple[Path, Path]:
+    """``n`` rows in ``data-<prefix><n>.parquet`` and the poisoned ids in ``truth-...json`` (cached)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = workdir / f"data-{prefix}{n}-{poison}-{seed}.parquet"
+    truth = workdir / f"truth-{prefix}{n}-{poison}-{seed}.json"
+    if data.is_file() and truth.is_file():
+        return data, truth
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = data.with_suffix(".tmp")
+    writer = None
+    poisoned: list[str] = []
+    for k, start in enumerate(range(0, n, CHUNK)):
+        m = min(CHUNK, n - start)
+        attack = ATTACKS[k] if k < len(ATTACKS) else None
+        frame, bad = _chunk(m, seed * 1000 + k, f"{prefix}{k:03d}-", attack, poison)
+        poisoned += bad
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table.cast(writer.schema))
+        del frame, table
+        gc.collect()
+    if writer is not None:
+        writer.close()
+    tmp.replace(data)
+    truth.write_text(json.dumps(poisoned))
+    _ = pd  # pandas is the frame library of records_from_rows
+    return data, truth
+
+
+def _load(data: Path, truth: Path):
+    import numpy as np
+
+    from poisonguard import io
+    from poisonguard import schema as S
+
+    records = io.read_records(data)
+    bad = set(json.loads(truth.read_text()))
+    return records, np.asarray(records[S.ID].isin(bad).to_numpy())
+
+
+def _score(res, records, y) -> dict[str, float]:
+    import numpy as np
+
+    from poisonguard import schema as S
+
+    flag = (res.decisions[S.DECISION].reindex(records[S.ID]) == S.QUARANTINE).to_numpy()
+    return {"recall": round(float((flag & y).sum() / max(int(y.sum()), 1)), 4),
+            "fpr": round(float((flag & ~y).sum() / max(int((~y).sum()), 1)), 6),
+            "quarantined": int(flag.sum()), "poisoned": int(y.sum()),
+            "flag_ids": None if flag.sum() > 50_000 else set(np.asarray(records[S.ID])[flag])}
+
+
+# ---------------------------------------------------------------- workers
+
+def _cfg():
+    from poisonguard.config import SanitizeConfig
+
+    return SanitizeConfig(llm_review={"enabled": False})
+
+
+def run_single(data: Path, truth: Path, limit: float) -> dict[str, Any]:
+    from poisonguard.sanitize import sanitize
+
+    records, y = _load(data, truth)
+    gc.collect()
+    with TreeRSS(limit) as mem:
+        t0 = time.perf_counter()
+        res = sanitize(records, _cfg())
+        dt = time.perf_counter() - t0
+    sc = _score(res, records, y)
+    sc.pop("flag_ids")
+    return {"rows": len(records), "seconds": round(dt, 1), "rows_per_s": round(len(records) / dt),
+            "peak_rss_mb": mem.peak_one >> 20, "peak_total_mb": mem.peak_total >> 20, **sc,
+            "detector_seconds": res.seconds}
+
+
+def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -> dict[str, Any]:
+    from distributed import Client, LocalCluster
+
+    from poisonguard import sharded
+
+    records, y = _load(data, truth)
+    gc.collect()
+    with TreeRSS(limit) as mem:
+        t0 = time.perf_counter()
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          memory_limit=0) as cluster, Client(cluster) as client:
+            t_up = time.perf_counter()
+
+            def map_(fn, *its):  # noqa: ANN001, ANN202
+                return client.gather(client.map(fn, *its, pure=False))
+
+            res = sharded.sanitize_sharded(records, _cfg(), n_shards=shards, map_=map_)
+            dt_run = time.perf_counter() - t_up
+        dt = time.perf_counter() - t0
+    sc = _score(res, records, y)
+    sc.pop("flag_ids")
+    return {"rows": len(records), "seconds": round(dt, 1), "seconds_without_cluster_start": round(dt_run, 1),
+            "rows_per_s": round(len(records) / dt), "shards": shards, "workers": workers,
+            "peak_rss_mb": mem.peak_one >> 20, "peak_total_mb": mem.peak_total >> 20, **sc}
+
+
+def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limit: float,
+                  workdir: Path) -> dict[str, Any]:
+    import shutil
+
+    import pandas as pd
+
+    from poisonguard import incremental
+    from poisonguard.config import IncrementalConfig
+    from poisonguard.sanitize import sanitize
+
+    cfg = _cfg()
+    inc = IncrementalConfig(full_every=0)
+    ledger = workdir / "ledger"
+    shutil.rmtree(ledger, ignore_errors=True)
+    base, y0 = _load(data, truth)
+    gc.collect()
+    out: dict[str, Any] = {}
+    with TreeRSS(limit) as mem:
+        t0 = time.perf_counter()
+        _, info = incremental.sanitize_incremental(base, cfg, ledger, inc, lambda r: sanitize(r, cfg))
+        out["night1"] = {"rows": len(base), "mode": info["mode"], "seconds": round(time.perf_counter() - t0, 1),
+                         "peak_rss_mb": mem.peak_one >> 20}
+    new, y_new = _load(new_data, new_truth)
+    both = pd.concat([base, new], ignore_index=True)
+    import numpy as np
+
+    y = np.concatenate([y0, y_new])
+    del base, new
+    gc.collect()
+    with TreeRSS(limit) as mem:
+        t0 = time.perf_counter()
+        res_inc, info = incremental.sanitize_incremental(both, cfg, ledger, inc, lambda r: sanitize(r, cfg))
+        dt_inc = time.perf_counter() - t0
+    sc_inc = _score(res_inc, both, y)
+    out["increment"] = {"rows": len(both), "seconds": round(dt_inc, 1), "peak_rss_mb": mem.peak_one >> 20,
+                        **{k: info[k] for k in ("mode", "new", "delta", "baseline", "watched", "prompt_twins",
+                                                "carried_over")},
+                        **{k: v for k, v in sc_inc.items() if k != "flag_ids"}}
+    del res_inc
+    gc.collect()
+    with TreeRSS(limit) as mem:
+        t0 = time.perf_counter()
+        res_full = sanitize(both, cfg)
+        dt_full = time.perf_counter() - t0
+    sc_full = _score(res_full, both, y)
+    out["full"] = {"rows": len(both), "seconds": round(dt_full, 1), "peak_rss_mb": mem.peak_one >> 20,
+                   **{k: v for k, v in sc_full.items() if k != "flag_ids"}}
+    a, b = sc_inc["flag_ids"], sc_full["flag_ids"]
+    if a is not None and b is not None:
+        out["quarantine_only_incremental"] = len(a - b)
+        out["quarantine_only_full"] = len(b - a)
+    out["increment_share_of_full"] = round(dt_inc / dt_full, 4)
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+def _sub(args: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), DO_NOT_TRACK="1")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"did not finish within {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+    if lines:
+        out = json.loads(lines[-1])
+        out.setdefault("status", "ok" if p.returncode == 0 else f"failed (exit {p.returncode})")
+    else:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        out = {"status": f"failed (exit {p.returncode}): {' | '.join(tail)}"}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1000000,5000000")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--poison", type=int, default=250, help="poisoned rows per attack family")
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--increment-base", type=int, default=1_000_000)
+    ap.add_argument("--increment-share", type=float, default=0.05)
+    ap.add_argument("--max-rss-gb", type=float, default=18.0, help="stop a run when one process exceeds this")
+    ap.add_argument("--timeout", type=float, default=5400.0)
+    ap.add_argument("--workdir", default="/tmp/poisonguard-scale")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    workdir = Path(a.workdir)
+    limit = a.max_rss_gb * 2**30
+    if a.worker:
+        if a.worker == "increment":
+            data, truth = make_data(workdir, a.n, a.poison)
+            m = max(1, int(round(a.n * a.increment_share)))
+            new_data, new_truth = make_data(workdir, m, a.poison, seed=7, prefix="new")
+            print(json.dumps(run_increment(data, truth, new_data, new_truth, limit, workdir)))
+        else:
+            data, truth = make_data(workdir, a.n, a.poison)
+            out = run_single(data, truth, limit) if a.worker == "single" else \
+                run_dask(data, truth, limit, a.shards, a.workers)
+            print(json.dumps(out))
+        return 0
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown modes {bad}; known: {', '.join(MODES)}")
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    load = os.getloadavg()
+    print(f"cpus: {os.cpu_count()}  load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    results: list[dict[str, Any]] = []
+    common = ["--poison", str(a.poison), "--workdir", str(workdir), "--max-rss-gb", str(a.max_rss_gb)]
+    for n in sizes if {"single", "dask"} & set(modes) else []:
+        t0 = time.perf_counter()
+        make_data(workdir, n, a.poison)
+        print(f"data {n} rows ({len(ATTACKS)} attacks x {a.poison} rows): ready in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        for mode in ("single", "dask"):
+            if mode not in modes:
+                continue
+            extra = ["--shards", str(a.shards), "--workers", str(a.workers)] if mode == "dask" else []
+            r = {"mode": mode, "rows": n, **_sub(["--worker", mode, "--n", str(n), *common, *extra], a.timeout)}
+            results.append(r)
+            if "seconds" in r:
+                print(f"{mode:9s} {n:>9d} rows  {r['seconds']:8.1f} s  {r['rows_per_s']:>6d} rows/s  peak/process "
+                      f"{r['peak_rss_mb']:>6d} MB  total {r['peak_total_mb']:>6d} MB  recall {r['recall']:.3f}  "
+                      f"FPR {100 * r['fpr']:.4f}%  {r['status']}", flush=True)
+            else:
+                print(f"{mode:9s} {n:>9d} rows  {r['status']}  (peak/process {r.get('peak_rss_mb', '-')} MB)",
+                      flush=True)
+    if "increment" in modes:
+        n = a.increment_base
+        r = {"mode": "increment", "rows": n, **_sub(["--worker", "increment", "--n", str(n), "--increment-share",
+                                                      str(a.increment_share), *common], a.timeout)}
+        results.append(r)
+        if "increment" in r:
+            i, f = r["increment"], r["full"]
+            print(f"increment: {i['new']} new rows over {n}: incremental {i['seconds']} s (detectors saw {i['delta']} "
+                  f"rows) vs full {f['seconds']} s = {100 * r['increment_share_of_full']:.1f}% of the full run; "
+                  f"recall {i['recall']:.3f} vs {f['recall']:.3f}, FPR {100 * i['fpr']:.4f}% vs {100 * f['fpr']:.4f}%; "
+                  f"quarantined only by incremental {r.get('quarantine_only_incremental')}, only by full "
+                  f"{r.get('quarantine_only_full')}", flush=True)
+        else:
+            print(f"increment: {r['status']}", flush=True)
+    print(json.dumps({"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
+                      "poison_per_attack": a.poison, "attacks": list(ATTACKS), "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

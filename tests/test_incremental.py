@@ -1,0 +1,186 @@
+"""Incremental sanitization: only new rows (plus a baseline and the watched rows) are re-checked,
+old rows keep the ledger's decision, and exactly the settings and code that decide invalidate
+the ledger."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from poisonguard import attacks, demo, incremental, stages
+from poisonguard import sanitize as san
+from poisonguard import schema as S
+from poisonguard.config import IncrementalConfig, SanitizeConfig
+from tests.fixtures import records as to_records
+
+CFG = SanitizeConfig(llm_review={"enabled": False})
+INC = IncrementalConfig(min_baseline=300, baseline_factor=1.0, full_every=0)
+
+
+@pytest.fixture(scope="module")
+def nights() -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """Night 1: 1,500 clean rows. Night 2: the same rows plus a 150-row delivery with 12 rows
+    poisoned by a phrase trigger."""
+    old = demo.generate_corpus(1500, seed=11, source="inhouse", id_prefix="o")
+    new = demo.generate_corpus(150, seed=12, source="vendor", id_prefix="n")
+    new, res = attacks.apply_attack(new, "phrase", 12, seed=4)
+    night1 = to_records(old)
+    night2 = to_records(old + new)
+    return night1, night2, set(res.poisoned_ids)
+
+
+def _runner(calls: list[int]):
+    def run(rows: pd.DataFrame) -> san.SanitizeResult:
+        calls.append(len(rows))
+        return san.sanitize(rows, CFG)
+    return run
+
+
+def test_first_run_is_full_then_only_the_delta_is_scanned(nights, tmp_path):
+    night1, night2, poisoned = nights
+    calls: list[int] = []
+    res1, info1 = incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner(calls))
+    assert info1["mode"] == "full" and "no ledger" in info1["reason"]
+    assert calls == [len(night1)]
+    res2, info2 = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, _runner(calls))
+    assert info2["mode"] == "incremental", info2["reason"]
+    fresh = int((~night2[S.CONTENT_HASH].isin(night1[S.CONTENT_HASH])).sum())
+    assert 140 <= fresh <= 150  # the generator may repeat a few rows of night 1 exactly
+    assert info2["new"] == fresh
+    # the detectors saw the new rows, the baseline and the watched rows only
+    assert calls[-1] == info2["delta"] < len(night2)
+    assert info2["baseline"] == 300
+    assert info2["carried_over"] == len(night2) - info2["delta"]
+    # every row has one decision; the planted rows are quarantined
+    assert res2.decisions.index.equals(pd.Index(night2[S.ID], name=S.ID))
+    assert res2.decisions[S.DECISION].notna().all()
+    assert poisoned <= set(res2.quarantine[S.ID])
+    # an old row keeps the first night's decision or (re-checked) becomes more severe, never less
+    sev = {S.KEEP: 0, S.REVIEW: 1, S.QUARANTINE: 2}
+    d1 = pd.Series(res1.decisions[S.DECISION].to_numpy(), index=night1[S.ID]).map(sev)
+    d2 = pd.Series(res2.decisions[S.DECISION].to_numpy(), index=night2[S.ID]).map(sev)
+    both = d2.index.intersection(d1.index)
+    assert (d2[both] >= d1[both]).all()
+    # the ledger now covers tonight's rows and counts the incremental run
+    led = incremental.Ledger.load(tmp_path)
+    assert len(led.table) == night2[S.CONTENT_HASH].nunique()
+    assert led.meta["runs_since_full"] == 1 and led.meta["last_mode"] == "incremental"
+
+
+def test_incremental_equals_full_run_on_the_planted_rows_and_clean_rows(nights, tmp_path):
+    night1, night2, poisoned = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    inc_res, _ = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, _runner([]))
+    full = san.sanitize(night2, CFG)
+    q_inc, q_full = set(inc_res.quarantine[S.ID]), set(full.quarantine[S.ID])
+    assert poisoned <= q_inc and poisoned <= q_full
+    assert len(q_inc - poisoned) <= len(q_full - poisoned) + 2
+
+
+def test_a_cluster_that_grows_quarantines_its_earlier_rows(tmp_path):
+    """Two trigger rows on night 1 (below the support a finding needs), ten more on night 2:
+    the earlier two are re-checked (watched or baseline) and quarantined with the rest."""
+    base = demo.generate_corpus(900, seed=21, source="inhouse", id_prefix="b")
+    rows, res = attacks.apply_attack(base, "phrase", 12, seed=8)
+    poisoned = list(res.poisoned_ids)
+    early = set(poisoned[:2])
+    late = set(poisoned[2:])
+    night1 = to_records([r for r in rows if r["id"] not in late])
+    night2 = to_records(rows)
+    inc = IncrementalConfig(min_baseline=10_000, full_every=0, max_new_fraction=0.5)
+    res1, _ = incremental.sanitize_incremental(night1, CFG, tmp_path, inc, _runner([]))
+    assert not early & set(res1.quarantine[S.ID]), "two rows are below the support a finding needs"
+    res2, info = incremental.sanitize_incremental(night2, CFG, tmp_path, inc, _runner([]))
+    assert info["mode"] == "incremental", info["reason"]
+    assert info["new"] == 10
+    assert set(res.poisoned_ids) <= set(res2.quarantine[S.ID])
+
+
+def test_plan_full_run_reasons(nights):
+    night1, night2, _ = nights
+    fp = incremental.fingerprint(CFG)
+    table = pd.DataFrame({S.CONTENT_HASH: night1[S.CONTENT_HASH], "prompt_key": incremental.prompt_keys(night1),
+                          S.DECISION: S.KEEP, S.SCORE: 0.0, S.DETECTORS: "", S.EVIDENCE: "", S.FINDING: ""})
+    led = incremental.Ledger(table, {"fingerprint": fp, "runs_since_full": 0})
+    assert incremental.plan(night2, None, fp, INC).reason.startswith("no ledger")
+    assert "changed" in incremental.plan(night2, led, "other", INC).reason
+    assert incremental.plan(night2, led, fp, INC.model_copy(update={"enabled": False})).mode == "full"
+    p = incremental.plan(night2, led, fp, INC.model_copy(update={"max_new_fraction": 0.05}))
+    assert p.mode == "full" and "max_new_fraction" in p.reason
+    led6 = incremental.Ledger(table, {"fingerprint": fp, "runs_since_full": 6})
+    p = incremental.plan(night2, led6, fp, INC.model_copy(update={"full_every": 7}))
+    assert p.mode == "full" and "full_every" in p.reason
+    p = incremental.plan(night2, led, fp, INC)
+    assert p.mode == "incremental" and p.new.sum() == p.counts["new"] > 140 and p.delta.sum() == p.counts["delta"]
+    # the baseline is the same old rows every night, whatever their order in the input
+    again = incremental.plan(night2.iloc[::-1].reset_index(drop=True), led, fp, INC)
+    pick = set(night2.loc[p.delta, S.ID])
+    assert pick == set(night2.iloc[::-1].reset_index(drop=True).loc[again.delta, S.ID])
+
+
+def test_watched_rows_and_prompt_twins_are_rechecked(nights):
+    night1, night2, _ = nights
+    fp = incremental.fingerprint(CFG)
+    table = pd.DataFrame({S.CONTENT_HASH: night1[S.CONTENT_HASH], "prompt_key": incremental.prompt_keys(night1),
+                          S.DECISION: S.KEEP, S.SCORE: 0.0, S.DETECTORS: "", S.EVIDENCE: "", S.FINDING: ""})
+    table.loc[5, S.DECISION] = S.REVIEW
+    led = incremental.Ledger(table, {"fingerprint": fp, "runs_since_full": 0})
+    twin = night2.iloc[[7]].copy()
+    twin[S.ID] = "twin-7"
+    twin[S.RESPONSE] = "something else entirely"
+    twin[S.CONTENT_HASH] = "f" * 64
+    recs = pd.concat([night2, twin], ignore_index=True)
+    p = incremental.plan(recs, led, fp, INC.model_copy(update={"min_baseline": 0, "baseline_factor": 0.0}))
+    assert p.mode == "incremental"
+    picked = set(recs.loc[p.delta, S.ID])
+    assert night1[S.ID].iloc[5] in picked          # watched (review in the ledger)
+    assert night1[S.ID].iloc[7] in picked          # same prompt as a new row
+    assert p.counts["watched"] == 1 and p.counts["prompt_twins"] >= 1
+
+
+def test_fingerprint_follows_deciding_settings_only():
+    fp = incremental.fingerprint(CFG)
+    assert fp == incremental.fingerprint(SanitizeConfig(llm_review={"enabled": False}))
+    changed = dict(CFG.detectors)
+    changed["trigger_association"] = {"target_fpr": 0.01}
+    assert incremental.fingerprint(SanitizeConfig(detectors=changed, llm_review={"enabled": False})) != fp
+    assert incremental.fingerprint(CFG.model_copy(update={"min_detectors": 2})) != fp
+    # what happens after the decision does not invalidate it
+    assert incremental.fingerprint(CFG.model_copy(update={"hold_review": True, "overrides": None})) == fp
+
+
+def test_a_failing_run_leaves_the_ledger_untouched(nights, tmp_path):
+    night1, night2, _ = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    before = (tmp_path / incremental.LEDGER_FILE).read_bytes(), (tmp_path / incremental.META_FILE).read_text()
+
+    def boom(rows):
+        raise RuntimeError("detector failed")
+
+    with pytest.raises(RuntimeError, match="detector failed"):
+        incremental.sanitize_incremental(night2, CFG, tmp_path, INC, boom)
+    after = (tmp_path / incremental.LEDGER_FILE).read_bytes(), (tmp_path / incremental.META_FILE).read_text()
+    assert before == after
+
+
+def test_stage_reports_the_mode(nights, tmp_path):
+    from poisonguard import io, paths
+
+    night1, night2, poisoned = nights
+    ledger = tmp_path / "ledger"
+    for k, recs in enumerate((night1, night2)):
+        ing = tmp_path / f"ing{k}"
+        io.write_records(recs, ing / paths.RECORDS_FILE)
+        io.write_parquet(pd.DataFrame(columns=list(S.REJECTED_COLUMNS)), ing / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
+        (ing / "ingest.json").write_text(json.dumps({"rows_in": len(recs)}))
+        out = stages.sanitize(CFG, ing, tmp_path / f"san{k}", None, incremental=INC, ledger_dir=ledger)
+    assert out["incremental"]["mode"] == "incremental" and out["incremental"]["new"] > 140
+    rep = json.loads((tmp_path / "san1" / "report.json").read_text())
+    assert rep["incremental"]["carried_over"] > 0
+    assert "incremental run" in (tmp_path / "san1" / "report.md").read_text()
+    q = pd.read_parquet(tmp_path / "san1" / paths.QUARANTINE_FILE)
+    assert poisoned <= set(q[S.ID])
+    assert np.isclose(rep["counts"]["rows_in"], len(night2))
