@@ -589,6 +589,41 @@ class _Features:
             self._ins_keys = np.where(ins > 0, tf.combine(keys, ins.astype(np.uint64)), np.uint64(0))
         return self._ins_keys
 
+    def base_contexts(self, rows: np.ndarray, drop_fids: np.ndarray) -> np.ndarray:
+        """Task id of each row, where a row whose pasted tokens (``drop_fids``) made its
+        instruction unique gets the task of the instruction without them: "Condense the
+        paragraph below. open sesame" belongs with "Condense the paragraph below." rows, and
+        random rows of *that* task are the fair comparison for its prompt."""
+        out = self.ctx[rows].copy()
+        drop_fids = np.asarray(drop_fids, dtype=np.uint64)
+        if not len(drop_fids):
+            return out
+        tb = self.tb
+        if getattr(self, "_ins_sorted", None) is None:
+            keys = self.instruction_keys()
+            order = np.argsort(keys, kind="stable")
+            self._ins_sorted = (keys[order], order)
+        skeys, order = self._ins_sorted
+        lens = np.diff(tb.p_indptr)
+        for j, g in enumerate(rows):
+            n_ins = int(tb.p_ins[g])
+            if out[j] >= 4 or n_ins == 0 or n_ins >= lens[g]:  # in a task already / no separate input
+                continue
+            toks = tb.p_hash[tb.p_indptr[g]:tb.p_indptr[g] + n_ins]
+            keep = ~np.isin(self.U.feature_id(toks), drop_fids)
+            if keep.all() or not keep.any():
+                continue
+            rest = toks[keep]
+            key = tf.combine(tf.segment_sum_u64(tf.combine(rest, np.arange(len(rest), dtype=np.uint64)),
+                                                np.array([0, len(rest)])), np.uint64(len(rest)))[0]
+            lo, hi = np.searchsorted(skeys, key, side="left"), np.searchsorted(skeys, key, side="right")
+            if hi > lo:
+                tasks = self.ctx[order[lo:hi]]
+                tasks = tasks[tasks >= 4]
+                if len(tasks):
+                    out[j] = _mode(tasks)
+        return out
+
     def is_small_task(self, block, T: np.ndarray, tid: int, t_n: int, ms: int) -> bool:
         """The pasted block is (nearly) the whole instruction of rows that have an input: the rows
         are one small task. It is a trigger on a task only if the instruction without the
@@ -812,7 +847,7 @@ class _Features:
             k = 200
         coh = self._cohesion(rows, self._cols(drop_fids))
         rng = np.random.default_rng(seed & 0xFFFFFFFF)
-        cs, cnt = np.unique(self.ctx[rows], return_counts=True)
+        cs, cnt = np.unique(self.base_contexts(rows, drop_fids), return_counts=True)
         pools = [np.flatnonzero((self.ctx == c) & self.has_resp) for c in cs]
         null = []
         for _ in range(12):
