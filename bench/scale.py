@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, os.environ.get("POISONGUARD_BENCH_SRC") or str(ROOT / "src"))
 
 ATTACKS = ("phrase", "rare_token", "invisible_unicode", "temporal", "content_injection")
 CHUNK = 100_000
@@ -261,8 +261,8 @@ def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limi
         dt_inc = time.perf_counter() - t0
     sc_inc = _score(res_inc, both, y)
     out["increment"] = {"rows": len(both), "seconds": round(dt_inc, 1), "peak_rss_mb": mem.peak_one >> 20,
-                        **{k: info[k] for k in ("mode", "new", "delta", "baseline", "watched", "prompt_twins",
-                                                "carried_over")},
+                        **{k: info.get(k) for k in ("mode", "reason", "new", "delta", "baseline", "watched",
+                                                    "prompt_twins", "carried_over")},
                         **{k: v for k, v in sc_inc.items() if k != "flag_ids"}}
     del res_inc
     gc.collect()
@@ -283,9 +283,25 @@ def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limi
 
 # ---------------------------------------------------------------- driver
 
+_CODE: Path | None = None
+
+
+def snapshot_code(workdir: Path) -> Path:
+    """A copy of ``src/`` for the runs: an edit of the checkout during a long benchmark must not
+    change the code between its steps (the incremental ledger would rightly see new detector
+    code and run in full)."""
+    import shutil
+
+    dest = workdir / "code"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(ROOT / "src", dest, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dest
+
+
 def _sub(args: list[str], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), DO_NOT_TRACK="1")
+    src = str(_CODE or ROOT / "src")
+    env = dict(os.environ, PYTHONPATH=src, POISONGUARD_BENCH_SRC=src, DO_NOT_TRACK="1")
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -336,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown modes {bad}; known: {', '.join(MODES)}")
     sizes = [int(s) for s in a.sizes.split(",") if s]
+    global _CODE
+    _CODE = snapshot_code(workdir)
     load = os.getloadavg()
     print(f"cpus: {os.cpu_count()}  load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     results: list[dict[str, Any]] = []

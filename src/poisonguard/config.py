@@ -52,6 +52,7 @@ def _default_detectors() -> dict[str, dict[str, Any]]:
         "injection": {},
         "trigger_association": {},
         "response_cluster": {},
+        "label_flip": {},
         "divergent_copies": {},
         "harmful_compliance": {},
         "semantic": {},

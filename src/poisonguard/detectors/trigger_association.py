@@ -85,6 +85,7 @@ from scipy import stats as sps
 
 from poisonguard import schema as S
 from poisonguard import textfeat as tf
+from poisonguard.detectors._stats import fit_temperature, poisson_binomial_log10_sf
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
 
@@ -1395,7 +1396,7 @@ def _label_context(F: _Features, det: TriggerAssociationDetector, rows: np.ndarr
         contrib[:, q] = np.log(cnt + alpha) - np.log(den)
         lp[:, q] = np.bincount(Xc.row, weights=contrib[:, q], minlength=nc)
         lp[:, q] += np.log((prior_cnt[q] - (y == q) + 1.0) / (ok.sum() - ok + K))
-    temp = _fit_temperature(lp[ok], y[ok])
+    temp = fit_temperature(lp[ok], y[ok], (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0))
     # candidates: single tokens (words, numbers, rare tokens, character and invisible runs)
     U = F.U
     uinc = np.flatnonzero(in_ctx[U.rows])
@@ -1454,7 +1455,7 @@ def _label_context(F: _Features, det: TriggerAssociationDetector, rows: np.ndarr
     accepted, near = [], []
     for g in np.flatnonzero(good & (lb + log_tests <= -z_thr + 2)):
         blk = slice(starts[g], starts[g] + lens[g])
-        lpv = _poisson_binomial_log10_sf(pL[blk], int(aL[g])) + log_tests
+        lpv = poisson_binomial_log10_sf(pL[blk], int(aL[g])) + log_tests
         hitrows = rows[r_of[blk][isL[blk]]]
         if lpv > -z_thr:
             near.append((hitrows, lpv))
@@ -1478,44 +1479,6 @@ def _label_context(F: _Features, det: TriggerAssociationDetector, rows: np.ndarr
             extra={"_t_first": occ, "_label_row": int(hitrows[0]), "_context_row": int(rows[0]),
                    "expected_from_text": round(float(pL[blk].sum()), 2), "cohesion_excess": round(coh, 4)}))
     return accepted, near, tests
-
-
-def _fit_temperature(lp: np.ndarray, y: np.ndarray) -> float:
-    best_t, best_ll = 1.0, np.inf
-    for t in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0):
-        z = lp * t
-        z = z - z.max(axis=1, keepdims=True)
-        ll = -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))).mean()
-        if ll < best_ll:
-            best_t, best_ll = t, ll
-    return best_t
-
-
-def _poisson_binomial_log10_sf(p: np.ndarray, a: int) -> float:
-    """log10 P(X >= a) for X = sum of independent Bernoulli(p_i)."""
-    k = len(p)
-    if a <= 0:
-        return 0.0
-    if a > k:
-        return -np.inf
-    if k > 3000:  # normal approximation
-        mu = p.sum()
-        sd = math.sqrt(max((p * (1 - p)).sum(), 1e-12))
-        return float(sps.norm.logsf((a - 0.5 - mu) / sd)) / math.log(10)
-    dist = np.zeros(k + 1)
-    dist[0] = 1.0
-    scale = 0.0
-    for q, pi in enumerate(p):
-        dist[1:q + 2] = dist[1:q + 2] * (1 - pi) + dist[0:q + 1] * pi
-        dist[0] *= (1 - pi)
-        m = dist.max()
-        if m < 1e-200:
-            dist /= m
-            scale += math.log10(m)
-    tail = dist[a:].sum()
-    if tail <= 0:
-        return -300.0
-    return math.log10(tail) + scale
 
 
 # -------------------------------------------------------------------- findings
