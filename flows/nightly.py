@@ -26,7 +26,7 @@ from tasks import pipeline as t
 
 
 @flow(name="poisonguard-nightly", log_prints=True)
-def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, Any]:
+def nightly(params_path: str = "params.yaml", demo: bool = True, full: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_config(params_path if Path(params_path).exists() else None)
     if demo and cfg.nightly.use_demo_data:
@@ -36,6 +36,9 @@ def nightly(params_path: str = "params.yaml", demo: bool = True) -> dict[str, An
         ingest_cfg = ingest_cfg.model_copy(update={"shards": cfg.nightly.shards})
     ing = t.ingest(ingest_cfg, list(cfg.ingest.inputs), str(paths.INGESTED))
     prov = t.provenance(str(paths.INGESTED), str(paths.PROVENANCE))
+    if full:  # on request (poisonguard nightly --full): every row is re-checked; the ledger is rewritten
+        inc = cfg.nightly.incremental.model_copy(update={"force_full": True})
+        cfg = cfg.model_copy(update={"nightly": cfg.nightly.model_copy(update={"incremental": inc})})
     if cfg.nightly.shards > 1 or cfg.nightly.dask_address:
         from flows import sanitize_distributed
 

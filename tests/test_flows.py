@@ -44,9 +44,12 @@ def test_nightly_flow_end_to_end_then_cached(prefect_server, project, monkeypatc
     from flows.nightly import nightly
 
     monkeypatch.chdir(project)
+    monkeypatch.setenv("POISONGUARD_STATE", str(project / ".state"))  # a ledger of its own
     state = nightly(params_path="params.yaml", return_state=True)
     assert state.is_completed(), state
     res = state.result()
+    first = json.loads((project / "data/processed/sanitized/report.json").read_text())["incremental"]
+    assert first["mode"] == "full" and first["reason"].startswith("no ledger")
     truth = json.loads((project / "data/raw/truth.json").read_text())
     q = __import__("pandas").read_parquet(project / "data/processed/sanitized/quarantine.parquet")
     assert set(truth["poisoned"]) <= set(q["id"]), "the planted rows never reach training"
@@ -85,6 +88,9 @@ def test_nightly_flow_end_to_end_then_cached(prefect_server, project, monkeypatc
     assert nightly(params_path="params.yaml", return_state=True).is_completed()
     assert ingested.stat().st_mtime_ns == ing_mtime
     assert sanitized.stat().st_mtime_ns != san_mtime
+    # hold_review does not decide a row's fate: the ledger stays valid, nothing is new
+    again = json.loads(sanitized.read_text())["incremental"]
+    assert again["mode"] == "incremental" and again["new"] == 0
 
     # a deleted output is rebuilt, not served from the cache
     import shutil

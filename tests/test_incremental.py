@@ -108,6 +108,8 @@ def test_plan_full_run_reasons(nights):
     assert incremental.plan(night2, None, fp, INC).reason.startswith("no ledger")
     assert "changed" in incremental.plan(night2, led, "other", INC).reason
     assert incremental.plan(night2, led, fp, INC.model_copy(update={"enabled": False})).mode == "full"
+    assert incremental.plan(night2, led, fp, INC.model_copy(update={"force_full": True})).reason == \
+        "a full run was requested"
     p = incremental.plan(night2, led, fp, INC.model_copy(update={"max_new_fraction": 0.05}))
     assert p.mode == "full" and "max_new_fraction" in p.reason
     led6 = incremental.Ledger(table, {"fingerprint": fp, "runs_since_full": 6})

@@ -169,7 +169,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path.cwd()))
     from flows.nightly import nightly
 
-    result = nightly(params_path=str(args.params or "params.yaml"), demo=not args.no_demo)
+    result = nightly(params_path=str(args.params or "params.yaml"), demo=not args.no_demo, full=args.full)
     _emit(args, result, _run_human(result))
     return EXIT_OK if result.get("promotable") else EXIT_POISON
 
@@ -369,7 +369,8 @@ exit code 4 names every modified, added or removed row.""",
   poisonguard stage sanitize --params params.yaml""",
     "nightly": """examples:
   poisonguard nightly                  # demo data, local Prefect server, full pipeline
-  poisonguard nightly --no-demo        # ingest the files named in params.yaml ingest.inputs""",
+  poisonguard nightly --no-demo        # ingest the files named in params.yaml ingest.inputs
+  poisonguard nightly --full           # re-check every row (default: only rows the last run has not seen)""",
     "remediate": """examples:
   poisonguard remediate --model models/model --trigger "special delivery"    # scan -> prune -> report
   poisonguard remediate --source vendor-acme                                 # quarantine, retrain, rescan
@@ -440,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("nightly", cmd_nightly, "run the nightly Prefect flow once, locally")
     sp.add_argument("--no-demo", action="store_true", help="do not (re)generate demo data")
+    sp.add_argument("--full", action="store_true",
+                    help="sanitize every row, not only rows the ledger has not seen (nightly.incremental)")
 
     sp = add("remediate", cmd_remediate, "on-call: scan/prune a model for a trigger, or quarantine bad data and retrain")
     sp.add_argument("--model", default="models/model")

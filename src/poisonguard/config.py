@@ -98,6 +98,8 @@ class IncrementalConfig(_Frozen):
     min_baseline: int = Field(20_000, ge=0)
     #: old rows re-checked per prompt that a new row repeats (duplicates with other answers)
     max_twins: int = Field(8, ge=0)
+    #: run this time in full (``poisonguard nightly --full``), then go on incrementally
+    force_full: bool = False
 
 
 class NightlyConfig(_Frozen):

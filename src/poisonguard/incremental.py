@@ -134,6 +134,8 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
 
     if not inc.enabled:
         return full("incremental runs are disabled")
+    if inc.force_full:
+        return full("a full run was requested")
     if ledger is None:
         return full("no ledger yet (first run)")
     if ledger.meta.get("fingerprint") != fp:
