@@ -12,8 +12,8 @@ Runs, each in its own subprocess (so its peak memory is its own):
   ``distributed.LocalCluster`` of 2 worker processes (1 thread each): summaries and scoring run
   on the workers, the merge in the driver;
 * ``increment``   the nightly path (:func:`poisonguard.incremental.sanitize_incremental`): a full
-  run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows (another
-  ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows) are sanitized
+  run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows, all unseen
+  (another ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows), are sanitized
   incrementally and, for comparison, in full: wall time, recall and false-positive rate of both.
 
 Memory: ``peak_rss_mb`` is the largest resident set size of any one process of the run (the
@@ -227,7 +227,7 @@ def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -
 
 
 def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limit: float,
-                  workdir: Path) -> dict[str, Any]:
+                  workdir: Path, n_new: int) -> dict[str, Any]:
     import shutil
 
     import pandas as pd
@@ -248,10 +248,18 @@ def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limi
         _, info = incremental.sanitize_incremental(base, cfg, ledger, inc, lambda r: sanitize(r, cfg))
         out["night1"] = {"rows": len(base), "mode": info["mode"], "seconds": round(time.perf_counter() - t0, 1),
                          "peak_rss_mb": mem.peak_one >> 20}
-    new, y_new = _load(new_data, new_truth)
-    both = pd.concat([base, new], ignore_index=True)
     import numpy as np
 
+    from poisonguard import schema as S
+
+    new, y_new = _load(new_data, new_truth)
+    # the delivery is `n_new` rows never seen before (the generator repeats some rows exactly):
+    # every poisoned row, then unseen clean rows
+    fresh = ~new[S.CONTENT_HASH].isin(base[S.CONTENT_HASH]).to_numpy() & ~new[S.CONTENT_HASH].duplicated().to_numpy()
+    keep = np.flatnonzero(fresh & y_new)
+    keep = np.sort(np.concatenate([keep, np.flatnonzero(fresh & ~y_new)[:max(0, n_new - len(keep))]]))
+    new, y_new = new.iloc[keep].reset_index(drop=True), y_new[keep]
+    both = pd.concat([base, new], ignore_index=True)
     y = np.concatenate([y0, y_new])
     del base, new
     gc.collect()
@@ -339,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.worker == "increment":
             data, truth = make_data(workdir, a.n, a.poison)
             m = max(1, int(round(a.n * a.increment_share)))
-            new_data, new_truth = make_data(workdir, m, a.poison, seed=7, prefix="new")
-            print(json.dumps(run_increment(data, truth, new_data, new_truth, limit, workdir)))
+            new_data, new_truth = make_data(workdir, int(m * 1.5), a.poison, seed=7, prefix="new")
+            print(json.dumps(run_increment(data, truth, new_data, new_truth, limit, workdir, m)))
         else:
             data, truth = make_data(workdir, a.n, a.poison)
             out = run_single(data, truth, limit) if a.worker == "single" else \

@@ -93,7 +93,7 @@ class IncrementalConfig(_Frozen):
     #: more new rows than this share of the data: run in full
     max_new_fraction: float = Field(0.5, gt=0.0, le=1.0)
     #: old rows sampled as the detectors' baseline: this many per new row ...
-    baseline_factor: float = Field(1.0, ge=0.0)
+    baseline_factor: float = Field(0.5, ge=0.0)
     #: ... and at least this many
     min_baseline: int = Field(20_000, ge=0)
     #: old rows re-checked per prompt that a new row repeats (duplicates with other answers)

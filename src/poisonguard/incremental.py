@@ -75,11 +75,9 @@ def fingerprint(cfg: SanitizeConfig) -> str:
 
 
 def prompt_keys(records: pd.DataFrame) -> np.ndarray:
-    """Stable hash (16 hex) of each row's lower-cased, whitespace-normalised prompt."""
-    from poisonguard.textfeat import stable_hash
-
-    norm = [" ".join(str(p).lower().split()) for p in records[S.PROMPT].fillna("")]
-    return np.array([f"{v:016x}" for v in stable_hash(norm)], dtype=object)
+    """Stable 64-bit hash of each row's lower-cased, whitespace-trimmed prompt (vectorised)."""
+    norm = records[S.PROMPT].fillna("").astype(str).str.strip().str.lower()
+    return pd.util.hash_array(norm.to_numpy(dtype=object), categorize=False).astype(np.uint64)
 
 
 @dataclass
@@ -157,14 +155,15 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
         keys = prompt_keys(records)
     twins = np.zeros(n, dtype=bool)
     if n_new:
-        cand = np.flatnonzero(is_old & ~watched & pd.Series(keys).isin(keys[new]).to_numpy())
+        cand = np.flatnonzero(is_old & ~watched & np.isin(keys, keys[new]))
         # a few copies per prompt are enough to show disagreeing answers; the first by content hash
-        frame = pd.DataFrame({"k": keys[cand], "h": hashes[cand], "i": cand}).sort_values(["k", "h"], kind="stable")
+        frame = pd.DataFrame({"k": keys[cand], "h": pd.util.hash_array(hashes[cand].astype(object), categorize=False),
+                              "i": cand}).sort_values(["k", "h"], kind="stable")
         twins[frame["i"].to_numpy()[frame.groupby("k", sort=False).cumcount().to_numpy() < inc.max_twins]] = True
     old_idx = np.flatnonzero(is_old & ~watched & ~twins)
     want = min(len(old_idx), max(int(np.ceil(inc.baseline_factor * n_new)), inc.min_baseline))
     # a fixed hash-ordered sample: the same old rows serve as the baseline night after night
-    order = np.argsort(np.array([h[:16] for h in hashes[old_idx]], dtype=object), kind="stable")
+    order = np.argsort(pd.util.hash_array(hashes[old_idx].astype(object), categorize=False), kind="stable")
     base = np.zeros(n, dtype=bool)
     base[old_idx[order[:want]]] = True
     delta = new | watched | twins | base
