@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test repro bench clean
+.PHONY: setup demo test repro bench bench-scale clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml scripts/setup.sh
 	./scripts/setup.sh
@@ -32,6 +32,11 @@ bench: $(VENV)/.installed  ## quality, speed and post-training benchmarks (insta
 	$(PY) bench/quality.py --quick
 	$(PY) bench/speed.py --sizes 100000,1000000 --configs ours,ours+embed,peer
 	$(PY) bench/posttrain.py
+
+bench-scale: $(VENV)/.installed  ## 1M / 5M rows, single process vs Dask, nightly increment (~1 h, up to ~20 GB RAM)
+	UV=$$(command -v uv || echo $(VENV)/bin/uv); $$UV pip install --python $(PY) \
+	  --find-links "$${PIP_FIND_LINKS:-/opt/wheels}" --compile-bytecode -q -e ".[bench]"
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf data/raw data/interim data/processed models/model models/pruned reports/* .poisonguard

@@ -186,3 +186,30 @@ def test_stage_reports_the_mode(nights, tmp_path):
     q = pd.read_parquet(tmp_path / "san1" / paths.QUARANTINE_FILE)
     assert poisoned <= set(q[S.ID])
     assert np.isclose(rep["counts"]["rows_in"], len(night2))
+
+
+def test_a_partial_view_adds_no_flags_of_its_own_to_old_rows(nights, tmp_path):
+    """Tonight's delta run flags an old baseline row without any new row in its finding: the row
+    keeps last night's decision (a partial view must not ratchet up false positives)."""
+    from dataclasses import replace
+
+    from poisonguard.detectors.base import Finding
+
+    night1, night2, poisoned = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    old_clean = set(night1[S.ID])
+    victim: list[str] = []
+
+    def noisy(rows: pd.DataFrame) -> san.SanitizeResult:
+        res = san.sanitize(rows, CFG)
+        pick = next(i for i in rows[S.ID] if i in old_clean and res.decisions.loc[i, S.DECISION] == S.KEEP)
+        victim.append(pick)
+        dec = res.decisions.copy()
+        dec.loc[pick, S.DECISION] = S.QUARANTINE
+        stray = Finding("noise", "old rows only", "", (pick,), 0.9)
+        return replace(res, decisions=dec, findings=list(res.findings) + [stray])
+
+    res2, info = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, noisy)
+    assert info["mode"] == "incremental"
+    assert res2.decisions.loc[victim[0], S.DECISION] == S.KEEP
+    assert poisoned <= set(res2.quarantine[S.ID])

@@ -18,9 +18,11 @@ An incremental run analyses a *delta set* instead of every row:
   at least ``min_baseline``): the global statistics the detectors calibrate against (task
   templates, n-gram rates, duplicate bands) are estimated on it.
 
-Old rows outside the delta set keep their ledger decision; old rows inside it take the more
-severe of the ledger's and tonight's decision (a cluster that grew past its threshold
-quarantines its earlier rows too; a decision is never relaxed by a partial view). Poison that
+Old rows outside the delta set keep their ledger decision; an old row inside it takes the more
+severe of the ledger's and tonight's decision only when the finding that flags it tonight
+includes new rows (a cluster that grew past its threshold quarantines its earlier rows too); a
+partial view neither relaxes an old decision nor adds flags of its own to old rows, which would
+ratchet up false positives night after night. Poison that
 trickles in below the detection threshold across many nights is only seen whole by a full run:
 a full run happens when there is no ledger, the fingerprint changed, the new rows exceed
 ``max_new_fraction`` of the data, or ``full_every`` incremental runs have passed since the last.
@@ -231,7 +233,15 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
     seen = tonight[S.DECISION].notna().to_numpy()
     sev_new = tonight[S.DECISION].map(_SEVERITY).fillna(-1).to_numpy()
     sev_old = old[S.DECISION].map(_SEVERITY).to_numpy()
-    take_new = seen & (p.new | (sev_new > sev_old))
+    # an old row is upgraded only by a finding that new rows joined (a cluster that grew); a
+    # partial view flagging old rows on its own would ratchet up false positives night by night
+    new_ids = set(records.loc[p.new, S.ID])
+    grown: set[str] = set()
+    for f in part.findings:
+        if not new_ids.isdisjoint(f.ids):
+            grown.update(f.ids)
+    in_grown = ids.isin(list(grown)) if grown else np.zeros(len(ids), dtype=bool)
+    take_new = seen & (p.new | ((sev_new > sev_old) & in_grown))
     decisions = old.copy()
     decisions.loc[take_new, cols] = tonight.loc[take_new, cols].to_numpy()
     decisions[S.SCORE] = decisions[S.SCORE].astype(float)
