@@ -214,7 +214,16 @@ def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -
             t_up = time.perf_counter()
 
             def map_(fn, *its):  # noqa: ANN001, ANN202
-                return client.gather(client.map(fn, *its, pure=False))
+                # an argument repeated for every shard (the merged statistics, the config) is sent
+                # to the workers once, not pickled once per task
+                args = []
+                for it in its:
+                    it = list(it)
+                    if len(it) > 1 and all(x is it[0] for x in it):
+                        fut = client.scatter(it[0], broadcast=True, hash=False)
+                        it = [fut] * len(it)
+                    args.append(it)
+                return client.gather(client.map(fn, *args, pure=False))
 
             res = sharded.sanitize_sharded(records, _cfg(), n_shards=shards, map_=map_)
             dt_run = time.perf_counter() - t_up
