@@ -218,8 +218,8 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
 
 
 def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_cls: Any, align: Any) -> Any:
-    """All rows' decisions: the delta run's for new rows, the more severe of ledger and delta run
-    for old rows it saw, the ledger's for the rest."""
+    """All rows' decisions: the delta run's for new rows; for old rows the ledger's, replaced by the
+    delta run's only when that is more severe and comes from a finding that new rows joined."""
     ids = pd.Index(records[S.ID], name=S.ID)
     tab = ledger.table.drop_duplicates(S.CONTENT_HASH).set_index(S.CONTENT_HASH)
     cols = [S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING]
