@@ -114,15 +114,15 @@ def _chunk(n: int, seed: int, prefix: str, attack: str | None, poison: int):
     if attack:
         rows, res = attacks.apply_attack(rows, attack, min(poison, n), seed=seed)
         poisoned = list(res.poisoned_ids)
+        bad = set(poisoned)
         for r in rows:
-            if r["id"] in set(poisoned):
+            if r["id"] in bad:
                 r["source"] = "vendor"
     return io.records_from_rows(rows, source="bulk", collector="bench"), poisoned
 
 
 def make_data(workdir: Path, n: int, poison: int, seed: int = 0, prefix: str = "r") -> tuple[Path, Path]:
     """``n`` rows in ``data-<prefix><n>.parquet`` and the poisoned ids in ``truth-...json`` (cached)."""
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -149,7 +149,6 @@ def make_data(workdir: Path, n: int, poison: int, seed: int = 0, prefix: str = "
         writer.close()
     tmp.replace(data)
     truth.write_text(json.dumps(poisoned))
-    _ = pd  # pandas is the frame library of records_from_rows
     return data, truth
 
 

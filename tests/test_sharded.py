@@ -83,6 +83,7 @@ def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
     """``ingest.shards``: records.parquet is a folder of part files keyed by content hash; every
     stage reads it as one dataset, and the sharded sanitize hands each per-shard step its file."""
     import json
+    from pathlib import Path
 
     from poisonguard import io, paths, stages
     from poisonguard.config import IngestConfig
@@ -107,7 +108,7 @@ def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
 
     stages.provenance_stage(ing, tmp_path / "prov")
     res = stages.sanitize(CFG, ing, tmp_path / "san", tmp_path / "prov", n_shards=4, map_=spy_map)
-    assert seen and all(issubclass(t, __import__("pathlib").Path) for t in seen)
+    assert seen and all(issubclass(t, Path) for t in seen)
     q = io.read_parquet(tmp_path / "san" / paths.QUARANTINE_FILE)
     assert truth <= set(q[S.ID])
     assert res["counts"]["rows_in"] == len(recs)

@@ -35,17 +35,20 @@ def poisson_binomial_log10_sf(p: np.ndarray, a: int) -> float:
         mu = p.sum()
         sd = math.sqrt(max((p * (1 - p)).sum(), 1e-12))
         return float(sps.norm.logsf((a - 0.5 - mu) / sd)) / math.log(10)
-    dist = np.zeros(k + 1)
+    # dist[m] = P(m successes so far) for m < a; dist[a] absorbs every count >= a (O(k a), not O(k^2))
+    dist = np.zeros(a + 1)
     dist[0] = 1.0
     scale = 0.0
-    for q, pi in enumerate(p):
-        dist[1:q + 2] = dist[1:q + 2] * (1 - pi) + dist[0:q + 1] * pi
+    for pi in p:
+        top = dist[a] + dist[a - 1] * pi
+        dist[1:a] = dist[1:a] * (1 - pi) + dist[0:a - 1] * pi
         dist[0] *= (1 - pi)
+        dist[a] = top
         m = dist.max()
-        if m < 1e-200:
+        if 0 < m < 1e-200:
             dist /= m
             scale += math.log10(m)
-    tail = dist[a:].sum()
+    tail = dist[a]
     if tail <= 0:
         return -300.0
     return math.log10(tail) + scale

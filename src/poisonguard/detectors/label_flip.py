@@ -742,15 +742,7 @@ def _pb_tail_count(q: np.ndarray, j: int) -> float:
         # Poisson tail with the same mean: an upper bound of the Poisson-binomial tail for j > mean
         v = float(sps.poisson.logsf(j - 1, float(q.sum()))) / math.log(10)
         return min(v, 0.0)
-    dist = np.zeros(j + 1)   # dist[m] = P(N = m) for m < j, dist[j] = P(N >= j)
-    dist[0] = 1.0
-    for qi in q:
-        top = dist[j] + dist[j - 1] * qi
-        dist[1:j] = dist[1:j] * (1 - qi) + dist[0:j - 1] * qi
-        dist[0] *= (1 - qi)
-        dist[j] = top
-    tail = float(dist[j])
-    return math.log10(tail) if tail > 0 else -300.0
+    return poisson_binomial_log10_sf(q, j)
 
 
 # -------------------------------------------------------------------- texts
