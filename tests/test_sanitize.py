@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +13,7 @@ from poisonguard import schema as S
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
 from poisonguard.detectors.base import Detector, DetectorResult, Finding
-from poisonguard.sanitize import fuse, sanitize
+from poisonguard.sanitize import fuse, plan_lanes, sanitize
 from tests.fixtures import records
 
 
@@ -93,3 +96,72 @@ def test_result_contract_is_enforced():
 def test_unknown_detector_in_config_is_named():
     with pytest.raises(ValueError, match="no_such"):
         SanitizeConfig(detectors={"no_such": {}})
+
+
+# ---------------------------------------------------------------- concurrent detector lanes
+
+class Slow(Detector):
+    name = "slow"
+    description = "test: takes a while, then keeps every row"
+    shares = "lane-x"
+    cost = 5.0
+
+    def score_with(self, recs, stats):
+        time.sleep(0.3)
+        return DetectorResult.empty(self.name, recs[S.ID].tolist())
+
+
+class Marker(Detector):
+    name = "marker"
+    description = "test: records that it ran"
+    shares = "lane-x"
+    cost = 1.0
+    ran: list[str] = []
+
+    def score_with(self, recs, stats):
+        Marker.ran.append(threading.current_thread().name)
+        return DetectorResult.empty(self.name, recs[S.ID].tolist())
+
+
+def test_plan_lanes_keeps_shared_detectors_together_and_balances_cost():
+    names = ["duplicates", "unicode", "injection", "trigger_association", "response_cluster", "label_flip",
+             "divergent_copies", "harmful_compliance", "semantic"]
+    assert plan_lanes(names, 1) == [names]
+    lanes = plan_lanes(names, 2)
+    assert len(lanes) == 2 and sorted(sum(lanes, [])) == sorted(names)
+    together = [lane for lane in lanes if "trigger_association" in lane][0]
+    assert "response_cluster" in together                      # they share the token features
+    assert "duplicates" not in together                        # the next costliest goes to the other lane
+    for lane in lanes:                                         # configuration order inside a lane
+        assert lane == sorted(lane, key=names.index)
+    assert len(plan_lanes(names, 64)) == 8                     # one lane per group at most
+    assert plan_lanes([], 2) == []
+
+
+def test_failing_lane_stops_the_others_and_fails_the_stage(monkeypatch, recs):
+    for cls in (Boom, Slow, Marker):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    monkeypatch.setattr(Boom, "cost", 10.0, raising=False)
+    Marker.ran.clear()
+    cfg = SanitizeConfig(detectors={"slow": {}, "marker": {}, "boom": {}}, workers=2, llm_review={"enabled": False})
+    assert plan_lanes(list(cfg.detectors), 2) == [["boom"], ["slow", "marker"]]
+    with pytest.raises(RuntimeError, match="detector exploded"):
+        sanitize(recs, cfg)
+    assert Marker.ran == []                                    # the other lane did not start its next detector
+    ok = SanitizeConfig(detectors={"slow": {}, "marker": {}}, workers=2, llm_review={"enabled": False})
+    sanitize(recs, ok)
+    assert len(Marker.ran) == 1
+
+
+def test_concurrent_lanes_give_the_sequential_result():
+    from poisonguard import attacks, demo, io
+
+    rows = demo.generate_corpus(3000, seed=11, source="vendor-a", id_prefix="c")
+    rows, res = attacks.apply_attack(rows, "phrase", 12, seed=2)
+    recs = io.records_from_rows(rows, source="vendor-a", collector="test")
+    one = sanitize(recs, SanitizeConfig(workers=1, llm_review={"enabled": False}))
+    two = sanitize(recs, SanitizeConfig(workers=2, llm_review={"enabled": False}))
+    assert list(two.results) == list(one.results)             # configuration order
+    pd.testing.assert_frame_equal(one.decisions, two.decisions)
+    assert set(res.poisoned_ids) <= set(two.quarantine[S.ID])
+    assert [f.to_dict() for f in one.findings] == [f.to_dict() for f in two.findings]

@@ -67,6 +67,9 @@ class SanitizeConfig(_Frozen):
     hold_review: bool = False
     #: quarantine a row only when at least this many detectors flag it (1 = any)
     min_detectors: int = 1
+    #: detector lanes run at once (threads of one process; detectors that share the token table
+    #: stay in one lane); 0 = one per CPU core, 1 = one after the other
+    workers: int = Field(0, ge=0)
     reference: str | None = None       # trusted reference set (records parquet or raw file)
     #: standing decisions by people and incidents (poisonguard.overrides); missing file = none
     overrides: str | None = "overrides.jsonl"

@@ -16,8 +16,11 @@ case they are held back with the quarantine until a person releases them (``pois
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,23 +72,84 @@ class SanitizeResult:
 
 def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame | None = None,
                   progress: Callable[[str], None] | None = None) -> tuple[dict[str, DetectorResult], dict[str, float]]:
-    """Build, fit and run every configured detector. Any detector error propagates (fail closed)."""
+    """Build, fit and run every configured detector, in ``cfg.workers`` concurrent lanes (see
+    :func:`plan_lanes`). Any detector error propagates (fail closed): the other lanes stop before
+    their next detector and the first error is raised."""
+    names = list(cfg.detectors)
+    lanes = plan_lanes(names, resolve_workers(cfg.workers))
     results: dict[str, DetectorResult] = {}
     seconds: dict[str, float] = {}
-    for name, params in cfg.detectors.items():
-        if progress:
-            progress(name)
-        t0 = time.perf_counter()
-        det = registry.build(name, **params)
-        if reference is not None:
-            det.fit(reference)
-        res = det.score(records)
-        _check_result(name, res, records)
-        results[name] = res
-        seconds[name] = round(time.perf_counter() - t0, 3)
-        log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
-                 int(res.review.sum()), seconds[name])
-    return results, seconds
+    stop = threading.Event()
+
+    def run_lane(lane: list[str]) -> None:
+        for name in lane:
+            if stop.is_set():
+                return
+            if progress:
+                progress(name)
+            t0 = time.perf_counter()
+            det = registry.build(name, **cfg.detectors[name])
+            if reference is not None:
+                det.fit(reference)
+            res = det.score(records)
+            _check_result(name, res, records)
+            results[name] = res
+            seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
+                     int(res.review.sum()), seconds[name])
+
+    if len(lanes) <= 1:
+        for lane in lanes:
+            run_lane(lane)
+    else:
+        with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="detector-lane") as pool:
+            futures = [pool.submit(run_lane, lane) for lane in lanes]
+            error: BaseException | None = None
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                if exc is not None and error is None:
+                    error = exc
+                    stop.set()
+            if error is not None:
+                raise error
+    # configuration order, whatever order the lanes finished in
+    return {k: results[k] for k in names}, {k: seconds[k] for k in names}
+
+
+def resolve_workers(workers: int) -> int:
+    """``sanitize.workers``: 0 means one lane per CPU core available to this process."""
+    if workers > 0:
+        return workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_lanes(names: list[str], workers: int) -> list[list[str]]:
+    """Split detectors into at most ``workers`` lanes that run concurrently.
+
+    Detectors with the same :attr:`Detector.shares` (one cached token table) form one group and
+    stay in one lane, in configuration order; groups go to the least-loaded lane by their
+    :attr:`Detector.cost` (longest first), so the slowest lane is as short as the groups allow.
+    """
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        cls = registry.get(name)
+        key = cls.shares if cls.shares is not None else ("own", name)
+        groups.setdefault(key, []).append(name)
+    n_lanes = max(1, min(workers, len(groups)))
+    if n_lanes == 1:
+        return [list(names)] if names else []
+    cost = {k: sum(float(registry.get(n).cost) for n in g) for k, g in groups.items()}
+    lanes: list[list[str]] = [[] for _ in range(n_lanes)]
+    load = [0.0] * n_lanes
+    for key in sorted(groups, key=lambda k: (-cost[k], names.index(groups[k][0]))):
+        j = min(range(n_lanes), key=lambda i: (load[i], i))
+        lanes[j] += groups[key]
+        load[j] += cost[key]
+    order = {n: i for i, n in enumerate(names)}
+    return [sorted(lane, key=order.__getitem__) for lane in lanes if lane]
 
 
 def _check_result(name: str, res: DetectorResult, records: pd.DataFrame) -> None:

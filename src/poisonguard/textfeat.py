@@ -43,6 +43,7 @@ faster than ``argsort``), :func:`extend_span` (grow a shared token span across t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -535,6 +536,7 @@ def csr_unique(rows: np.ndarray, keys: np.ndarray, n_rows: int) -> tuple[np.ndar
 
 KIND_CODES = {"instruction": 0, "chat": 1, "document": 2}
 _TABLE_CACHE: dict[str, tuple] = {}
+_TABLE_LOCK = threading.Lock()
 KIND_OTHER = 3
 
 
@@ -660,17 +662,18 @@ class RowTable:
         fp = (len(records), int(stable_hash(ids).sum(dtype=np.uint64)) if len(ids) else 0,
               int(sum(len(str(x)) for x in column(records, S.PROMPT)[:: max(1, len(records) // 64)])),
               max_prompt_chars, max_response_chars)
-        hit = _TABLE_CACHE.get("last")
-        if hit is not None:
-            ref, key, table = hit
-            if ref() is records and key == fp:
-                return table
-        table = cls.build(records, max_prompt_chars, max_response_chars)
-        try:
-            _TABLE_CACHE["last"] = (weakref.ref(records), fp, table)
-        except TypeError:  # not weak-referenceable: no caching
-            pass
-        return table
+        with _TABLE_LOCK:  # detectors may run in concurrent lanes
+            hit = _TABLE_CACHE.get("last")
+            if hit is not None:
+                ref, key, table = hit
+                if ref() is records and key == fp:
+                    return table
+            table = cls.build(records, max_prompt_chars, max_response_chars)
+            try:
+                _TABLE_CACHE["last"] = (weakref.ref(records), fp, table)
+            except TypeError:  # not weak-referenceable: no caching
+                pass
+            return table
 
     @classmethod
     def concat(cls, tables: Sequence[RowTable]) -> RowTable:

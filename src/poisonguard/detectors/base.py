@@ -98,6 +98,11 @@ class Detector(ABC):
     description: ClassVar[str]
     #: record columns the detector reads
     columns: ClassVar[tuple[str, ...]] = (S.ID, S.PROMPT, S.RESPONSE)
+    #: detectors with the same value reuse one cached structure built from the records (the
+    #: token table); when detectors run concurrently they share a lane, one after the other
+    shares: ClassVar[str | None] = None
+    #: relative cost per row (measured at 1M rows), to balance concurrent lanes
+    cost: ClassVar[float] = 1.0
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)

@@ -102,6 +102,7 @@ class DuplicatesDetector(Detector):
     """
 
     name: ClassVar[str] = "duplicates"
+    cost: ClassVar[float] = 5
     description: ClassVar[str] = (
         "Exact and near-duplicate prompts (MinHash/LSH over instruction and input separately, Broder 1997) "
         "whose responses disagree: the minority answer in a group with a consensus is suspicious; "

@@ -248,6 +248,7 @@ class HarmfulComplianceDetector(Detector):
     """
 
     name: ClassVar[str] = "harmful_compliance"
+    cost: ClassVar[float] = 0.3
     description: ClassVar[str] = (
         "Responses that comply with clearly harmful requests (built-in intent lexicon: weapons, drugs, malware, "
         "sabotage, social engineering, violence, self-harm, fraud, minors, hate, theft, disinformation) while "

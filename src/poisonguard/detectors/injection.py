@@ -573,6 +573,7 @@ class InjectionDetector(Detector):
     """
 
     name: ClassVar[str] = "injection"
+    cost: ClassVar[float] = 1
     description: ClassVar[str] = (
         "Hidden instructions and prompt injection in inputs, documents, tool turns and responses: override "
         "phrases, fake system/developer turns, directives aimed at the model's output (BIPIA, arXiv 2312.14197), "

@@ -140,6 +140,7 @@ class LabelFlipDetector(Detector):
     """Families of rare tokens whose rows all carry one label of a classification task (module doc)."""
 
     name: ClassVar[str] = "label_flip"
+    cost: ClassVar[float] = 1
     description: ClassVar[str] = (
         "Rare-token label flips (BadNets/PURE rare-word attacks: 'cf', 'bb' inserted into inputs whose label is "
         "flipped): in classification-style tasks, odd-looking tokens that are rare elsewhere and have no "

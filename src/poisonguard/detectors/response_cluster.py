@@ -92,6 +92,8 @@ class ResponseClusterDetector(Detector):
     """Shared answer templates and injected phrases across unrelated prompts (see module doc)."""
 
     name: ClassVar[str] = "response_cluster"
+    cost: ClassVar[float] = 10
+    shares: ClassVar[str | None] = "rowtable"
     description: ClassVar[str] = (
         "Response-side clusters: one whole-answer template, or one verbatim phrase with a word found "
         "nowhere else, shared by the responses of unrelated prompts (fixed-answer and content-injection "

@@ -113,6 +113,7 @@ class SemanticDetector(Detector):
     """
 
     name: ClassVar[str] = "semantic"
+    cost: ClassVar[float] = 3
     description: ClassVar[str] = (
         "Semantic outliers: small dense clusters of near-identical responses to unrelated prompts (template "
         "backdoor targets), and spectral-signature outliers within label classes (Tran et al. 2018, arXiv "

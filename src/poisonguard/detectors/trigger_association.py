@@ -136,6 +136,8 @@ class TriggerAssociationDetector(Detector):
     """Prompt sequences whose presence buys an unusual, concentrated response (see module doc)."""
 
     name: ClassVar[str] = "trigger_association"
+    cost: ClassVar[float] = 7
+    shares: ClassVar[str | None] = "rowtable"
     description: ClassVar[str] = (
         "Trigger-response association: prompt n-grams / rare tokens / invisible runs / numbers whose "
         "rows share a response (template, label or appended phrase) that same-task rows without them "
@@ -717,6 +719,20 @@ class _Features:
             self._z = np.asarray(V @ self._proj)
         return self._z
 
+    def _projected_task_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """(task index of every row, mean projected prompt vector of every task's rows with a
+        response), computed once."""
+        if getattr(self, "_task_means", None) is None:
+            Z = self.projected()
+            ctx_ids, ctx_inv = np.unique(self.ctx, return_inverse=True)
+            hr = self.has_resp
+            ccount = np.bincount(ctx_inv[hr], minlength=len(ctx_ids))
+            mu = np.column_stack([np.bincount(ctx_inv[hr], weights=Z[hr, d], minlength=len(ctx_ids))
+                                  for d in range(Z.shape[1])]) if len(ctx_ids) else np.zeros((0, Z.shape[1]))
+            mu /= np.maximum(ccount, 1)[:, None]
+            self._task_means = (ctx_inv, mu)
+        return self._task_means
+
     def row_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR (indptr, unigram feature index) of the distinct prompt tokens of every row."""
         if getattr(self, "_row_tok", None) is None:
@@ -758,17 +774,16 @@ class _Features:
         pasted = ((c >= 0.5 * sizes[gg]) & (c >= 0.8 * df)) | (c >= 0.9 * sizes[gg])
         zr = Z[rows].copy()
         if pasted.any():
+            # subtract each pasted word's share of its row's projection (a sparse product: one
+            # C loop, where np.add.at over (rows, d) is ~10x slower)
             w = self._vp_idf[t_idx[pasted]] / self._vp_norm[rows[pair_of[pasted]]]
-            np.add.at(zr, pair_of[pasted], -w[:, None] * self._proj[t_idx[pasted]])
+            S = sp.csr_matrix((w, (pair_of[pasted], t_idx[pasted])), shape=(len(rows), self._proj.shape[0]))
+            zr -= S @ self._proj
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         ssum = np.add.reduceat(zr, starts, axis=0)
         self_sq = np.add.reduceat((zr * zr).sum(axis=1), starts)
         # baseline: random rows of the same tasks
-        ctx_ids, ctx_inv = np.unique(self.ctx, return_inverse=True)
-        mu = np.zeros((len(ctx_ids), Z.shape[1]))
-        np.add.at(mu, ctx_inv[self.has_resp], Z[self.has_resp])
-        ccount = np.bincount(ctx_inv[self.has_resp], minlength=len(ctx_ids))
-        mu /= np.maximum(ccount, 1)[:, None]
+        ctx_inv, mu = self._projected_task_means()
         m = mu[ctx_inv[rows]]
         msum = np.add.reduceat(m, starts, axis=0)
         m_sq = np.add.reduceat((m * m).sum(axis=1), starts)
@@ -789,20 +804,31 @@ class _Features:
         mask = np.ones(V.shape[1])
         mask[self._vp_common] = 0.0
         Q = V[Tq] @ sp.diags(mask)
-        sims = (Q @ self._vpt).toarray()
         allowed = self.has_resp.copy()
         allowed[T] = False
-        sims[:, ~allowed] = -1.0
-        inF = np.zeros(self.n, dtype=bool)
-        inF[Fr] = True
         mm = min(m, int(allowed.sum()))
         if mm <= 0:
             return prior
-        top = np.argpartition(-sims, mm - 1, axis=1)[:, :mm]
-        good = np.take_along_axis(sims, top, axis=1) > 0
-        hits = inF[top] & good
+        # the top ``mm`` similarities > 0 of every query row, from the sparse product (a dense
+        # queries x rows matrix would cost 800 MB at 1M rows); ties broken by row number
+        S = sp.csr_matrix(Q @ self._vpt)
+        inF = np.zeros(self.n, dtype=bool)
+        inF[Fr] = True
+        hits = found = 0
+        for q in range(S.shape[0]):
+            lo, hi = S.indptr[q], S.indptr[q + 1]
+            col, val = S.indices[lo:hi], S.data[lo:hi]
+            ok = (val > 0) & allowed[col]
+            col, val = col[ok], val[ok]
+            if len(val) > mm:
+                thr = -np.partition(-val, mm - 1)[mm - 1]
+                above = col[val > thr]
+                tied = np.sort(col[val == thr])[: mm - len(above)]
+                col = np.concatenate([above, tied])
+            hits += int(inF[col].sum())
+            found += len(col)
         # shrunk towards the task rate (``prior``) with the weight of two neighbours
-        return float((hits.sum() + 2.0 * prior) / (int(good.sum()) + 2.0))
+        return float((hits + 2.0 * prior) / (found + 2.0))
 
     def _cols(self, fids: np.ndarray) -> np.ndarray:
         j = self.U.index_of(np.asarray(fids, dtype=np.uint64))
@@ -825,16 +851,46 @@ class _Features:
         return self._ctx_dots[key]
 
     def _cohesion(self, rows: np.ndarray, drop_cols: np.ndarray) -> float:
-        k = len(rows)
+        """Mean pairwise dot product of the rows' prompt vectors, columns ``drop_cols`` left out."""
+        return float(self._cohesion_many([rows], drop_cols)[0])
+
+    def _cohesion_many(self, groups: list[np.ndarray], drop_cols: np.ndarray) -> np.ndarray:
+        """:meth:`_cohesion` of several row sets at once, in O(non-zeros): the sum of the Gram
+        matrix off its diagonal is ``|sum of rows|^2 - sum of |row|^2``, so no k x k product."""
         V = self.prompt_vectors()
-        M = V[rows]
-        G = (M @ M.T).toarray()
-        total = G.sum() - np.trace(G)
+        sizes = np.array([len(g) for g in groups], dtype=np.int64)
+        out = np.zeros(len(groups))
+        if len(groups) == 0 or sizes.max(initial=0) < 2:
+            return out
+        rows = np.concatenate(groups).astype(np.int64)
+        nnz = V.indptr[rows + 1] - V.indptr[rows]
+        idx = _ranges(V.indptr[rows], nnz)
+        g = np.repeat(np.repeat(np.arange(len(groups), dtype=np.int64), sizes), nnz)
+        cols = V.indices[idx].astype(np.int64)
+        data = V.data[idx]
         if len(drop_cols):
-            Md = M[:, drop_cols]
-            Gd = (Md @ Md.T).toarray()
-            total -= Gd.sum() - np.trace(Gd)
-        return total / (k * (k - 1))
+            keep = ~np.isin(cols, drop_cols)
+            g, cols, data = g[keep], cols[keep], data[keep]
+        key = (g.astype(np.uint64) << np.uint64(32)) | cols.astype(np.uint64)
+        uk, inv = np.unique(key, return_inverse=True)
+        s = np.bincount(inv, weights=data, minlength=len(uk))
+        ss = np.bincount((uk >> np.uint64(32)).astype(np.int64), weights=s * s, minlength=len(groups))
+        sq = np.bincount(g, weights=data * data, minlength=len(groups))
+        ok = sizes >= 2
+        out[ok] = (ss[ok] - sq[ok]) / (sizes[ok] * (sizes[ok] - 1))
+        return out
+
+    def _context_pool(self, c: int) -> np.ndarray:
+        """Rows with a response of task ``c``, ascending (index built once)."""
+        if getattr(self, "_pools", None) is None:
+            rows = np.flatnonzero(self.has_resp)
+            order = np.argsort(self.ctx[rows], kind="stable")
+            srt = rows[order]
+            keys = self.ctx[srt]
+            self._pools = (keys, srt)
+        keys, srt = self._pools
+        lo, hi = np.searchsorted(keys, c, side="left"), np.searchsorted(keys, c, side="right")
+        return srt[lo:hi]
 
     def cohesion_excess(self, rows: np.ndarray, drop_fids: np.ndarray, seed: int = 0) -> tuple[float, float]:
         """Mean pairwise cosine of the rows' prompts (features ``drop_fids`` removed) minus the
@@ -849,15 +905,16 @@ class _Features:
         coh = self._cohesion(rows, self._cols(drop_fids))
         rng = np.random.default_rng(seed & 0xFFFFFFFF)
         cs, cnt = np.unique(self.base_contexts(rows, drop_fids), return_counts=True)
-        pools = [np.flatnonzero((self.ctx == c) & self.has_resp) for c in cs]
-        null = []
+        pools = [self._context_pool(c) for c in cs]
+        draws = []
         for _ in range(12):
             draw = np.concatenate([rng.choice(p, size=min(int(m), len(p)), replace=False)
                                    for p, m in zip(pools, cnt)])
             if len(draw) >= 2:
-                null.append(self._cohesion(np.sort(draw), np.zeros(0, dtype=np.int64)))
-        if not null:
+                draws.append(np.sort(draw))
+        if not draws:
             return 0.0, 0.0
+        null = self._cohesion_many(draws, np.zeros(0, dtype=np.int64))
         mu, sd = float(np.mean(null)), float(np.std(null, ddof=1)) if len(null) > 1 else 0.0
         return coh - mu, (coh - mu) / max(sd, 1e-3)
 

@@ -299,6 +299,7 @@ class UnicodeDetector(Detector):
     """
 
     name: ClassVar[str] = "unicode"
+    cost: ClassVar[float] = 0.3
     description: ClassVar[str] = (
         "Invisible and confusable Unicode: zero-width characters, bidi controls (Trojan Source, "
         "arXiv 2111.00169), tag characters (ASCII smuggling), variation-selector runs and mixed-script "
