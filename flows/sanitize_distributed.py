@@ -32,6 +32,11 @@ def summarize_shard(shard, cfg):  # noqa: ANN001, ANN201
     return sharded.summarize_shard(shard, cfg)
 
 
+@task(name="merge-summaries", cache_policy=NO_CACHE)
+def merge_summaries(summaries, cfg):  # noqa: ANN001, ANN201
+    return sharded.merge_summaries(summaries, cfg)
+
+
 @task(name="score-shard", cache_policy=NO_CACHE)
 def score_shard(shard, stats, cfg):  # noqa: ANN001, ANN201
     return sharded.score_shard(shard, stats, cfg)
@@ -41,9 +46,18 @@ _TASKS = {sharded.summarize_shard: summarize_shard, sharded.score_shard: score_s
 
 
 def prefect_map(fn, *iterables):  # noqa: ANN001, ANN201
-    """``map`` through Prefect tasks on the flow's task runner (Dask)."""
+    """``map`` through Prefect tasks on the flow's task runner (Dask). Summaries stay futures
+    (they go straight to the merge task's worker); score results come back to the flow."""
     futures = _TASKS[fn].map(*iterables)
+    if fn is sharded.summarize_shard:
+        return list(futures)
     return [f.result() for f in futures]
+
+
+def prefect_merge(summaries, cfg):  # noqa: ANN001, ANN201
+    """The merge as a task on the cluster; its future is handed to every score task, so Dask
+    sends the global statistics to each worker once (not pickled once per shard by the flow)."""
+    return merge_summaries.submit(summaries, cfg)
 
 
 def dask_runner(cfg: NightlyConfig) -> DaskTaskRunner:
@@ -58,7 +72,7 @@ def sanitize_distributed(cfg: SanitizeConfig, n_shards: int, in_dir: str = str(p
                          out_dir: str = str(paths.SANITIZED), provenance_dir: str = str(paths.PROVENANCE),
                          incremental: IncrementalConfig | None = None) -> dict[str, Any]:
     return stages.sanitize(cfg, Path(in_dir), Path(out_dir), Path(provenance_dir), n_shards=n_shards,
-                           map_=prefect_map, incremental=incremental)
+                           map_=prefect_map, merge_=prefect_merge, incremental=incremental)
 
 
 def run(cfg_nightly: NightlyConfig, cfg: SanitizeConfig, **kw: Any) -> dict[str, Any]:

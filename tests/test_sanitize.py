@@ -165,3 +165,8 @@ def test_concurrent_lanes_give_the_sequential_result():
     pd.testing.assert_frame_equal(one.decisions, two.decisions)
     assert set(res.poisoned_ids) <= set(two.quarantine[S.ID])
     assert [f.to_dict() for f in one.findings] == [f.to_dict() for f in two.findings]
+    # the token table and features the detectors shared are released when they are done
+    from poisonguard import textfeat
+    from poisonguard.detectors import trigger_association
+
+    assert not textfeat._TABLE_CACHE and not trigger_association._FEATURE_CACHE

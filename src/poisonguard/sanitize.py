@@ -98,22 +98,34 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
             log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
                      int(res.review.sum()), seconds[name])
 
-    if len(lanes) <= 1:
-        for lane in lanes:
-            run_lane(lane)
-    else:
-        with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="detector-lane") as pool:
-            futures = [pool.submit(run_lane, lane) for lane in lanes]
-            error: BaseException | None = None
-            for fut in as_completed(futures):
-                exc = fut.exception()
-                if exc is not None and error is None:
-                    error = exc
-                    stop.set()
-            if error is not None:
-                raise error
+    try:
+        if len(lanes) <= 1:
+            for lane in lanes:
+                run_lane(lane)
+        else:
+            with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="detector-lane") as pool:
+                futures = [pool.submit(run_lane, lane) for lane in lanes]
+                error: BaseException | None = None
+                for fut in as_completed(futures):
+                    exc = fut.exception()
+                    if exc is not None and error is None:
+                        error = exc
+                        stop.set()
+                if error is not None:
+                    raise error
+    finally:
+        release_caches()
     # configuration order, whatever order the lanes finished in
     return {k: results[k] for k in names}, {k: seconds[k] for k in names}
+
+
+def release_caches() -> None:
+    """The token table and features the detectors shared are not needed after them."""
+    from poisonguard import textfeat
+    from poisonguard.detectors import trigger_association
+
+    textfeat.release_cached()
+    trigger_association.release_cached()
 
 
 def resolve_workers(workers: int) -> int:

@@ -73,13 +73,23 @@ def _detectors(cfg: SanitizeConfig) -> dict[str, Any]:
 
 def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig) -> Summaries:
     """Phase 1 on one shard: every detector's summary."""
+    from poisonguard.sanitize import release_caches
+
     records = _load(shard)
-    return {name: det.summarize(records) for name, det in _detectors(cfg).items()}
+    try:
+        return {name: det.summarize(records) for name, det in _detectors(cfg).items()}
+    finally:
+        release_caches()
 
 
 def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stats:
     """Phase 2: every detector's global statistics from all shards' summaries."""
-    return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()}
+    from poisonguard.sanitize import release_caches
+
+    try:
+        return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()}
+    finally:
+        release_caches()
 
 
 def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeConfig) -> Results:
@@ -140,11 +150,16 @@ MapFn = Callable[..., Iterable[Any]]
 
 def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int = 4, map_: MapFn = map,
                      progress: Callable[[str], None] | None = None,
-                     shard_files: Sequence[Path] | None = None):  # noqa: ANN201 - SanitizeResult
+                     shard_files: Sequence[Path] | None = None,
+                     merge_: Callable[[list[Any], SanitizeConfig], Any] = merge_summaries
+                     ):  # noqa: ANN201 - SanitizeResult
     """:func:`poisonguard.sanitize.sanitize` run shard by shard; ``map_`` may be parallel.
 
     ``shard_files``: the same rows already written as shards (ingest with ``shards``); the
     per-shard steps then read their own file (on a Dask worker: from disk, not from the driver).
+    ``merge_``: how the summaries become global statistics; a distributed runner may return a
+    handle (a future) instead of the statistics, which ``map_`` then passes to every score step,
+    so summaries and statistics move between workers and never through this process.
     """
     from poisonguard import sanitize as san
 
@@ -157,7 +172,7 @@ def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int =
     if progress:
         progress("summarize")
     summaries = list(map_(summarize_shard, shards, [cfg] * len(shards)))
-    stats = merge_summaries(summaries, cfg)
+    stats = merge_(summaries, cfg)
     if progress:
         progress("score")
     parts = list(map_(score_shard, shards, [stats] * len(shards), [cfg] * len(shards)))

@@ -537,6 +537,13 @@ def csr_unique(rows: np.ndarray, keys: np.ndarray, n_rows: int) -> tuple[np.ndar
 KIND_CODES = {"instruction": 0, "chat": 1, "document": 2}
 _TABLE_CACHE: dict[str, tuple] = {}
 _TABLE_LOCK = threading.Lock()
+
+
+def release_cached() -> None:
+    """Drop the cached token table (:meth:`RowTable.cached`): sanitize calls this when its
+    detectors are done, so a long-lived process does not keep the last table alive."""
+    with _TABLE_LOCK:
+        _TABLE_CACHE.clear()
 KIND_OTHER = 3
 
 

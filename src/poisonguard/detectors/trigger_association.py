@@ -327,6 +327,12 @@ def _window_segments(tb: tf.RowTable, has_resp: np.ndarray, window: int) -> tupl
 _FEATURE_CACHE: dict[str, tuple] = {}
 
 
+def release_cached() -> None:
+    """Drop the cached token features shared with response_cluster (called when sanitize's
+    detectors are done: at 1M rows they hold several GB)."""
+    _FEATURE_CACHE.clear()
+
+
 def _features(tb: tf.RowTable, has_resp: np.ndarray, ctx: np.ndarray, window: int, copy_scope: str) -> _Features:
     """:class:`_Features` of a merged table, reused when the other detector (trigger association
     / response cluster) built them for the same rows, window and copy scope (single slot)."""
