@@ -249,13 +249,25 @@ def finish(records: pd.DataFrame, results: dict[str, DetectorResult], seconds: d
                           seconds, llm_summary, cfg.hold_review)
 
 
-def _align(res: DetectorResult, ids: pd.Index) -> DetectorResult:
-    """Expand a result that covers a subset of rows (the LLM review) to all rows."""
+def _align(res: DetectorResult, ids: pd.Index, pos: np.ndarray | None = None) -> DetectorResult:
+    """Expand a result that covers a subset of rows (the LLM review, an incremental run's delta)
+    to all rows: rows it did not see get score 0, no flag, no evidence. ``pos``: the position of
+    each of ``ids`` in the result's index (-1 = absent), when the caller aligns several results
+    over the same rows (vectorised takes; reindexing 1M string ids per Series cost ~2 s each)."""
     if res.scores.index.equals(ids):
         return res
-    sc = res.scores.reindex(ids, fill_value=0.0)
-    return DetectorResult.build(res.detector, ids, sc.to_numpy(),
-                                res.flagged.reindex(ids, fill_value=False).to_numpy(),
-                                res.evidence.reindex(ids, fill_value="").to_numpy(),
-                                res.review.reindex(ids, fill_value=False).to_numpy(),
-                                res.findings, res.info)
+    if pos is None:
+        pos = res.scores.index.get_indexer(ids)
+    hit = pos >= 0
+    take = np.where(hit, pos, 0)
+    index = pd.Index(ids, name=S.ID)
+
+    def expand(series: pd.Series, fill: Any, dtype: Any) -> pd.Series:
+        vals = series.to_numpy(dtype=dtype)[take] if len(series) else np.full(len(ids), fill, dtype=dtype)
+        vals[~hit] = fill
+        return pd.Series(vals, index=index, name=series.name, dtype=dtype)
+
+    # a valid result's rows stay valid; the filled rows (0, no flag, "") are valid by construction
+    return DetectorResult(res.detector, expand(res.scores, 0.0, float), expand(res.flagged, False, bool),
+                          expand(res.review, False, bool), expand(res.evidence, "", object),
+                          res.findings, dict(res.info))
