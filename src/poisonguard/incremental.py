@@ -245,19 +245,13 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
     decisions = old.copy()
     decisions.loc[take_new, cols] = tonight.loc[take_new, cols].to_numpy()
     decisions[S.SCORE] = decisions[S.SCORE].astype(float)
-    # every detector result of the delta run covers the same rows: look their positions up once
+    # every detector result of the delta run is indexed by the delta's ids (the run checks it):
+    # look the positions up once
     obj_ids = pd.Index(ids.to_numpy(dtype=object), name=S.ID)
-    pos_cache: dict[int, tuple[pd.Index, np.ndarray]] = {}
-
-    def positions(index: pd.Index) -> np.ndarray:
-        for ref, pos in pos_cache.values():
-            if ref is index or ref.equals(index):
-                return pos
-        pos = index.get_indexer(obj_ids)
-        pos_cache[len(pos_cache)] = (index, pos)
-        return pos
-
-    results: dict[str, DetectorResult] = {k: align(r, obj_ids, positions(r.scores.index))
-                                          for k, r in part.results.items()}
+    pos = part.decisions.index.get_indexer(obj_ids)
+    for k, r in part.results.items():
+        if not r.scores.index.equals(part.decisions.index):
+            raise ValueError(f"detector {k!r}: its rows differ from the delta run's decisions")
+    results: dict[str, DetectorResult] = {k: align(r, obj_ids, pos) for k, r in part.results.items()}
     return result_cls(records.reset_index(drop=True), decisions, results, list(part.findings),
                       dict(part.seconds), dict(part.llm_summary), part.hold_review)

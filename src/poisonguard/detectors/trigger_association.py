@@ -409,8 +409,6 @@ class _Features:
         self.template_ids = np.unique(self.R_all.feature_id(t_hash))
         self.r_token_ids = np.unique(self.R_all.feature_id(tb.r_hash[gidx]))
         self._vp: sp.csr_matrix | None = None
-        self._ctx_mean: dict[int, sp.csr_matrix] = {}
-        self._ctx_dots: dict[tuple[int, int], float] = {}
 
     @property
     def P(self) -> tf.Grouped:
@@ -841,28 +839,9 @@ class _Features:
         j = self.U.index_of(np.asarray(fids, dtype=np.uint64))
         return j[j >= 0]
 
-    def context_mean(self, c: int) -> sp.csr_matrix:
-        if c not in self._ctx_mean:
-            V = self.prompt_vectors()
-            rows = np.flatnonzero((self.ctx == c) & self.has_resp)
-            if len(rows):
-                self._ctx_mean[c] = sp.csr_matrix(V[rows].sum(axis=0) / len(rows))
-            else:
-                self._ctx_mean[c] = sp.csr_matrix((1, V.shape[1]))
-        return self._ctx_mean[c]
-
-    def _ctx_dot(self, c1: int, c2: int) -> float:
-        key = (min(c1, c2), max(c1, c2))
-        if key not in self._ctx_dots:
-            self._ctx_dots[key] = float(self.context_mean(c1).multiply(self.context_mean(c2)).sum())
-        return self._ctx_dots[key]
-
-    def _cohesion(self, rows: np.ndarray, drop_cols: np.ndarray) -> float:
-        """Mean pairwise dot product of the rows' prompt vectors, columns ``drop_cols`` left out."""
-        return float(self._cohesion_many([rows], drop_cols)[0])
-
     def _cohesion_many(self, groups: list[np.ndarray], drop_cols: np.ndarray) -> np.ndarray:
-        """:meth:`_cohesion` of several row sets at once, in O(non-zeros): the sum of the Gram
+        """Mean pairwise dot product of the prompt vectors of each row set (columns ``drop_cols``
+        left out), all sets at once, in O(non-zeros): the sum of the Gram
         matrix off its diagonal is ``|sum of rows|^2 - sum of |row|^2``, so no k x k product."""
         V = self.prompt_vectors()
         sizes = np.array([len(g) for g in groups], dtype=np.int64)
@@ -909,7 +888,7 @@ class _Features:
         if k > 200:
             rows = rows[np.linspace(0, k - 1, 200).astype(np.int64)]
             k = 200
-        coh = self._cohesion(rows, self._cols(drop_fids))
+        coh = float(self._cohesion_many([rows], self._cols(drop_fids))[0])
         rng = np.random.default_rng(seed & 0xFFFFFFFF)
         cs, cnt = np.unique(self.base_contexts(rows, drop_fids), return_counts=True)
         pools = [self._context_pool(c) for c in cs]
