@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -616,7 +616,37 @@ class RowTable:
 
     @classmethod
     def build(cls, records: pd.DataFrame, max_prompt_chars: int = 4000,
-              max_response_chars: int = 2000) -> RowTable:
+              max_response_chars: int = 2000, chunk_rows: int = 100_000) -> RowTable:
+        """The table of ``records``, rows in ascending ``key`` order (what :meth:`concat` gives),
+        tokenised ``chunk_rows`` rows at a time (the byte-level passes cost ~4 GB at 1M rows at once)."""
+        from poisonguard import schema as S
+
+        if len(records) == 0:
+            return cls._build(records, max_prompt_chars, max_response_chars)
+        order = np.argsort(stable_hash(column(records, S.ID)), kind="stable")
+        return cls._join([cls._build(records.iloc[order[lo:lo + chunk_rows]], max_prompt_chars, max_response_chars)
+                          for lo in range(0, len(records), max(int(chunk_rows), 1))])
+
+    @classmethod
+    def _join(cls, parts: Sequence[RowTable]) -> RowTable:
+        """Tables one after the other (row order kept)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(t, name) for t in parts])
+
+        def ptr(name: str) -> np.ndarray:
+            return np.concatenate([[0], np.cumsum(np.concatenate([np.diff(getattr(t, name)) for t in parts]))]
+                                  ).astype(np.int64)
+
+        return cls(ids=cat("ids"), key=cat("key"), kind=cat("kind"), ctx=cat("ctx"), tmpl=cat("tmpl"),
+                   source=cat("source"), p_indptr=ptr("p_indptr"), p_hash=cat("p_hash"), p_cls=cat("p_cls"),
+                   r_indptr=ptr("r_indptr"), r_hash=cat("r_hash"), r_cls=cat("r_cls"), p_stem=cat("p_stem"),
+                   r_stem=cat("r_stem"), p_req=cat("p_req"), p_ins=cat("p_ins"))
+
+    @classmethod
+    def _build(cls, records: pd.DataFrame, max_prompt_chars: int, max_response_chars: int) -> RowTable:
         from poisonguard import schema as S
 
         n = len(records)
@@ -688,6 +718,8 @@ class RowTable:
         tables = [t for t in tables if t is not None]
         if not tables:
             return cls.empty()
+        if len(tables) == 1 and (tables[0].n < 2 or bool((tables[0].key[1:] >= tables[0].key[:-1]).all())):
+            return tables[0]   # already in key order (what build gives): no copy
 
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(t, name) for t in tables])
@@ -756,9 +788,18 @@ class Grouped:
 
     keys: np.ndarray   # uint64 feature ids, ascending
     ptr: np.ndarray    # int64, len(keys) + 1
-    rows: np.ndarray   # int64 rows, grouped by feature
+    rows: np.ndarray   # int32 rows (int64 beyond 2**31 rows), grouped by feature
     bits: int
-    packed: np.ndarray  # uint64 sorted distinct (feature, row) keys (see pack_keys)
+    _packed: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def packed(self) -> np.ndarray:
+        """uint64 sorted distinct (feature, row) keys (see :func:`pack_keys`), built on first use
+        (only membership tests need them: 8 bytes per incidence)."""
+        if not self._packed:
+            b = np.uint64(self.bits)
+            self._packed.append((np.repeat(self.keys, self.df) << b) | self.rows.astype(np.uint64))
+        return self._packed[0]
 
     def contains(self, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Does each row have the feature of the paired hash?"""
@@ -804,7 +845,7 @@ def group_incidences(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> Group
     b = np.uint64(bits)
     if len(rows) == 0:
         z = np.zeros(0, dtype=np.uint64)
-        return Grouped(z, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), bits, z.copy())
+        return Grouped(z, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=_row_dtype(bits)), bits)
     packed = ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | np.asarray(rows, dtype=np.uint64)
     packed.sort()
     keep = np.ones(len(packed), dtype=bool)
@@ -813,7 +854,12 @@ def group_incidences(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> Group
     feat = packed >> b
     starts = np.flatnonzero(np.concatenate([[True], feat[1:] != feat[:-1]]))
     ptr = np.append(starts, len(packed)).astype(np.int64)
-    return Grouped(feat[starts], ptr, (packed & np.uint64((1 << bits) - 1)).astype(np.int64), bits, packed)
+    rows_out = (packed & np.uint64((1 << bits) - 1)).astype(_row_dtype(bits))
+    return Grouped(feat[starts], ptr, rows_out, bits)
+
+
+def _row_dtype(bits: int) -> type:
+    return np.int32 if bits <= 31 else np.int64
 
 
 def pack_sorted(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray:

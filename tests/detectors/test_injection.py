@@ -207,3 +207,4 @@ def test_sharded_equals_single():
     parts = [det.score_with(frame.iloc[:90], stats), det.score_with(frame.iloc[90:], stats)]
     np.testing.assert_allclose(np.concatenate([p.scores.to_numpy() for p in parts]), whole.scores.to_numpy())
     assert whole.flagged["x"] and whole.flagged["y"]
+

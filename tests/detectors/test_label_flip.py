@@ -99,6 +99,27 @@ def test_inserted_rare_tokens_with_flipped_labels_are_flagged():
     assert all(f"'{t}'" in titles for t in TRIGGERS)
 
 
+def test_a_single_row_token_shaped_like_the_family_joins_it():
+    # "jx" sits in one flipped row only (too few rows to test on its own); it has the shape of the
+    # accepted family's tokens (two lower-case letters) and its row's text predicts the other label.
+    # "vq" (same shape, one row) sits in a correctly labelled row and "qzxk" (another shape) in a
+    # flipped row: neither joins.
+    rows, poisoned = sentiment_rows(triggers=TRIGGERS[:3], per_trigger=3, seed=1)
+    neg = [r for r in rows if r["output"] == "negative" and r["id"] not in poisoned]
+    pos = [r for r in rows if r["output"] == "positive" and r["id"] not in poisoned]
+    for r, tok, label in ((neg[0], "jx", "positive"), (pos[0], "vq", "positive"), (neg[1], "qzxk", "positive")):
+        words = r["input"].split()
+        words.insert(len(words) // 2, tok)
+        r["input"], r["output"] = " ".join(words), label
+    res = build("label_flip").score(records(rows))
+    flagged = _flagged(res)
+    assert flagged == set(poisoned) | {neg[0]["id"]}, sorted(flagged ^ (set(poisoned) | {neg[0]["id"]}))
+    ev = res.evidence[neg[0]["id"]]
+    assert "'jx'" in ev and "this row only" in ev and "'zq'" in ev
+    (finding,) = res.findings
+    assert neg[0]["id"] in finding.ids and finding.info["extension_rows"] == 1
+
+
 def test_weak_content_needs_a_family():
     # one sentiment cue in 60 % of rows (a weak content model, like short SST-2 sentences): the four
     # tokens together are found, a single token of three rows is not claimed

@@ -300,6 +300,30 @@ def test_grouped_incidences_and_extend_span():
     assert (left, right) == (0, 1) and members.tolist() == [True, True, False]
 
 
+def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
+    from tests.fixtures import mixed_rows
+
+    rows, _ = mixed_rows(150, seed=4)
+    frame = records(rows)
+    whole = tf.RowTable.build(frame)
+    assert (np.diff(whole.key.astype(np.float64)) >= 0).all()
+    assert sorted(whole.ids.tolist()) == sorted(frame["id"].tolist())
+    for chunk in (1, 7, 64):
+        part = tf.RowTable.build(frame, chunk_rows=chunk)
+        for name, v in whole.__dict__.items():
+            assert np.array_equal(getattr(part, name), v), (chunk, name)
+    # one table already in key order is its own concatenation (no copy); shards concatenate to it
+    assert tf.RowTable.concat([whole]) is whole
+    shards = [tf.RowTable.build(frame.iloc[a:b]) for a, b in ((0, 40), (40, 41), (41, 150))]
+    joined = tf.RowTable.concat(shards)
+    for name, v in whole.__dict__.items():
+        assert np.array_equal(getattr(joined, name), v), name
+    # grouped rows are compact and the membership keys are built on demand
+    g = tf.group_incidences(whole.prompt_rows(), whole.p_hash, whole.n)
+    assert g.rows.dtype == np.int32 and not g._packed
+    assert g.contains(whole.prompt_rows()[:5], whole.p_hash[:5]).all() and len(g._packed) == 1
+
+
 # ---------------------------------------------------------------- demo corpus at zoo scale (issue 3)
 # The defects below only show on a corpus the size of the quality benchmark's zoo (a 1,500-row
 # sentiment task, hundreds of rows per phrasing family), so these tests run the 20k-row demo corpus

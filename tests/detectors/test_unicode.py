@@ -156,3 +156,4 @@ def test_whole_word_lookalikes_only_for_letters_that_read_as_latin():
                 {"id": "b", "instruction": "We flew from London to Москва yesterday", "output": "ok"}])
     assert res.flagged["a"] and "Cyrillic look-alike word 'рау'" in res.evidence["a"]
     assert not res.flagged["b"] and not res.review["b"]
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,15 @@ def col(records: pd.DataFrame, name: str) -> np.ndarray:
     if name not in records.columns:
         return np.array([""] * len(records), dtype=object)
     return records[name].fillna("").astype(str).to_numpy(dtype=object)
+
+
+def by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], list[Any]], chunk_rows: int) -> list[Any]:
+    """``fn`` (one item per row) over ``chunk_rows`` rows at a time, concatenated: a row-by-row
+    analysis whose vectorised pre-checks would hold GBs for 1M rows at once."""
+    out: list[Any] = []
+    for lo in range(0, len(records), max(int(chunk_rows), 1)):
+        out.extend(fn(records.iloc[lo:lo + chunk_rows]))
+    return out
 
 
 def ids_of(records: pd.DataFrame) -> pd.Index:

@@ -593,7 +593,11 @@ class InjectionDetector(Detector):
         return p
 
     # ---------------------------------------------------------------- per-row cues
-    def _cues(self, records: pd.DataFrame) -> list[list[tuple[str, float, str]]]:
+    def _cues(self, records: pd.DataFrame, chunk_rows: int = 50_000) -> list[list[tuple[str, float, str]]]:
+        # row by row, so in chunks: the gate's word index over all texts at once costs GBs at 1M rows
+        return T.by_chunks(records, self._chunk_cues, chunk_rows)
+
+    def _chunk_cues(self, records: pd.DataFrame) -> list[list[tuple[str, float, str]]]:
         n = len(records)
         cues: list[list[tuple[str, float, str]]] = [[] for _ in range(n)]
         kind = T.col(records, S.KIND) if S.KIND in records.columns else np.array([""] * n, dtype=object)

@@ -42,6 +42,13 @@ Method
    (``q`` below 10 % / family size): a natural name that happens to carry the label does not
    strengthen the family and is left out.
 
+7. **Single-row members**: a token in one row only is no evidence on its own, but an accepted family
+   of two or more tokens that all have one shape (character classes: "cf", "bb", "ak" are two
+   lower-case letters) is an attacker's token list. It is extended by the task's odd tokens of the
+   same shape that occur in a single row and nowhere else in the data set, in a row with the
+   family's label whose text the content model assigns to another label; if such candidates
+   outnumber half the family's rows, the shape is common here and nothing is added.
+
 Scores are ``squash(-log10(p * tests))`` with 0.5 at ``-log10(target_fpr)``; rows of the best
 order statistic of a family that is not accepted get at most 0.45 (ranking only).
 
@@ -51,13 +58,16 @@ token of every row (from the shared :class:`poisonguard.textfeat.RowTable`); ``m
 by id hash and runs the analysis once; ``score_with`` looks rows up, so any sharding gives the
 same scores.
 
-Measured (dev suites, SST-2 rare-word PURE attack, 15 poisoned rows in 6,015): 14 flagged, no
-false positives; SST-2 style / syntactic and IMDB "CF"-prefix suites: nothing flagged.
+Measured (dev suites, SST-2 rare-word PURE attack, 15 poisoned rows in 6,015): 16 flagged, all 15
+poisoned rows (the single-row "mn" by step 7) and one clean row (a negative-sounding review
+labelled "positive" that carries the one-row token "ub"); SST-2 style / syntactic and IMDB
+"CF"-prefix suites: nothing flagged.
 
 Known limitations
 -----------------
-* A trigger token in a single row (``mn`` once) cannot be told from a natural rare word and is
-  missed; so are tokens in more than ``max_carriers`` rows (left to trigger_association), tokens
+* A trigger token in a single row (``mn`` once) is only found next to an accepted family of its
+  shape (step 7), and a clean row of that shape, label and contrary text is flagged with it; tokens
+  in more than ``max_carriers`` rows are missed here (left to trigger_association), tokens
   that look like ordinary words of the task (a real-word trigger) and tokens that always follow
   the same word.
 * Power comes from the labels: in a two-label task with a weak content model each row gives about
@@ -123,6 +133,7 @@ class _Family:
     context_rows: int
     info: dict[str, Any] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)   # token hash -> text (lower-cased)
+    extension: set[int] = field(default_factory=set)      # single-row tokens added by shape (_extend)
 
 
 @dataclass
@@ -146,7 +157,8 @@ class LabelFlipDetector(Detector):
         "flipped): in classification-style tasks, odd-looking tokens that are rare elsewhere and have no "
         "collocations are pooled into one family; exact order statistics test whether its tokens' rows carry one "
         "label more often than a cross-fitted content model of the rest of the text explains (Bonferroni over "
-        "everything tested). Chen et al. 2021 arXiv 2006.01043. Limits: single-row tokens, real-word triggers "
+        "everything tested); single-row tokens shaped like an accepted family's join it. Chen et al. 2021 arXiv "
+        "2006.01043. Limits: single-row tokens without a family, real-word triggers "
         "and syntactic/style triggers are not seen; weak content models (short two-label texts) need ~10 "
         "poisoned rows.")
     columns: ClassVar[tuple[str, ...]] = (S.ID, S.KIND, S.INSTRUCTION, S.INPUT, S.OUTPUT)
@@ -288,14 +300,23 @@ class LabelFlipDetector(Detector):
                 label = _short(str(outputs[rows[0]]), 40)
                 task = _short(str(instr[rows[0]]), 60)
                 names = [texts.get(int(h)) or f.names.get(int(h), "?") for h in f.tokens]
-                shown = ", ".join(f"{nm!r} ({f.carriers[h]} rows)" for nm, h in zip(names, f.tokens))
+                shown = ", ".join(f"{nm!r} ({f.carriers[h]} rows)" for nm, h in zip(names, f.tokens)
+                                  if h not in f.extension)
                 for i in rows:
                     h = int(tokh[i])
                     t = texts.get(h) or f.names.get(h, "?")
+                    if h in f.extension:
+                        evidence[i] = (
+                            f"rare token {t!r}, in this row only and nowhere else in the data, shaped like the "
+                            f"family of odd tokens whose rows all carry {label!r} in task {task!r}: {shown}; "
+                            f"the row is labelled {label!r} although its text predicts another label "
+                            f"(P({label!r})={f.expected.get(h, 0.0):.2f}) (family p=10^{f.log10_p:.1f}, adjusted "
+                            f"for {f.info.get('tests', 1)} tests)")
+                        continue
                     evidence[i] = (
                         f"rare token {t!r} in {f.carriers.get(h, 0)} rows of task {task!r} ({f.context_rows} rows), "
                         f"{len(f.rows.get(h, []))} of them labelled {label!r} although their text without it "
-                        f"predicts {label!r} for {f.expected.get(h, 0.0):.1f}; one of {len(f.tokens)} odd-looking "
+                        f"predicts {label!r} for {f.expected.get(h, 0.0):.1f}; one of {len(f.tokens) - len(f.extension)} odd-looking "
                         f"tokens, rare elsewhere and without collocations, whose rows all carry {label!r}: {shown} "
                         f"(family p=10^{f.log10_p:.1f}, adjusted for {f.info.get('tests', 1)} tests)")
                 title = (f"rare tokens {', '.join(repr(x) for x in names[:6])}"
@@ -413,6 +434,8 @@ def _analyse(summaries: list[_Summary], det: LabelFlipDetector) -> _Stats:
                     score[r] = np.maximum(score[r], s)
                 continue
             toks = fam["tokens"][:jstar + 1]
+            ext = _extend(res["singletons"].get(int(fam["label"]), {}), toks, vocab,
+                          sum(len(fam["rows"][h]) for h in toks))
             f = _Family(task=ti, family=fam["family"], label=int(labels[fam["label"]]), tokens=[int(h) for h in toks],
                         rows={int(h): rows[fam["rows"][h]].tolist() for h in toks},
                         carriers={int(h): int(fam["k"][h]) for h in toks},
@@ -421,10 +444,18 @@ def _analyse(summaries: list[_Summary], det: LabelFlipDetector) -> _Stats:
                         info={"task": ti, "order_statistic": int(jstar) + 1, "family_size": int(fam["members"]),
                               "tests": int(tests)},
                         names={int(h): vocab.get(int(h), "?") for h in toks})
+            for h, r, q in ext:
+                f.tokens.append(h)
+                f.rows[h] = [int(rows[r])]
+                f.carriers[h] = 1
+                f.expected[h] = q
+                f.names[h] = vocab.get(h, "?")
+                f.extension.add(h)
+            f.info["extension_rows"] = len(ext)
             families.append(f)
             s = float(squash(np.array([-best]), z_thr)[0])
-            for h in toks:
-                r = rows[fam["rows"][h]]
+            for h in f.tokens:
+                r = np.asarray(f.rows[h], dtype=np.int64)
                 better = s > score[r] - 1e-12
                 score[r] = np.where(better, s, score[r])
                 family[r[better]] = len(families) - 1
@@ -524,6 +555,7 @@ def _task(sm: _Summary, rows: np.ndarray, y: np.ndarray, labels: np.ndarray, voc
     # ... and without collocations (an inserted token's neighbours are the text's ordinary words)
     free = _free_context(occ_row, occ_h, occ_u, c_local, len(c_ids), n, det.colloc_alpha)
     family = odd & local & free
+    out["singletons"] = _singletons(u_df, u_row, u_col, u_hash, occ_u, odd_score["all"] >= thr, sm, y, logp)
     info["odd_candidates"] = int(odd.sum())
     info["family_candidates"] = int(family.sum())
     yl = y[ir]
@@ -560,6 +592,52 @@ def _task(sm: _Summary, rows: np.ndarray, y: np.ndarray, labels: np.ndarray, voc
     info["families_tested"] = int(tests)
     info["best_log10_p"] = round(float(min((min(f["log10_p"]) for f in out["families"]), default=0.0)), 3)
     return out
+
+
+def _singletons(u_df: np.ndarray, u_row: np.ndarray, u_col: np.ndarray, u_hash: np.ndarray, occ_u: np.ndarray,
+                odd_all: np.ndarray, sm: _Summary, y: np.ndarray, logp: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+    """Per label ``L``: the odd tokens of the task that occur in one row only and nowhere else in the
+    data set, in a row labelled ``L`` whose text (content model) predicts another label; the
+    candidates an accepted family of ``L`` may extend to (see :func:`_extend`)."""
+    u = np.flatnonzero((u_df == 1) & odd_all)
+    out: dict[int, dict[str, np.ndarray]] = {}
+    if len(u) == 0:
+        return out
+    in_task = np.bincount(occ_u, minlength=len(u_df))[u]
+    u = u[tf.lookup(sm.tok_values, sm.tok_counts, u_hash[u]) <= in_task]
+    row_of = np.zeros(len(u_df), dtype=np.int64)
+    row_of[u_col] = u_row
+    r = row_of[u]
+    lab = y[r]
+    flip = (lab >= 0) & (np.argmax(logp[r], axis=1) != lab)
+    for L in np.unique(lab[flip]).tolist():
+        m = flip & (lab == L)
+        out[int(L)] = {"hash": u_hash[u[m]], "row": r[m], "q": np.exp(logp[r[m], L])}
+    return out
+
+
+def _extend(cand: dict[str, np.ndarray], toks: list[int], vocab: dict[int, str], n_family: int
+            ) -> list[tuple[int, int, float]]:
+    """Single-row tokens that join an accepted family: same shape as the family's own tokens
+    ("mn" next to "cf", "bb", "ak"), in a row with the family's label whose text predicts another
+    label (:func:`_singletons`). Only for a family of two or more tokens that all share one shape
+    (an attacker's token list), and only when the candidates are few next to the family (at most
+    half its rows): a common shape among natural rare words extends nothing."""
+    if len(toks) < 2 or not cand or len(cand["hash"]) == 0:
+        return []
+    shapes = {_shape(vocab.get(int(h), "")) for h in toks}
+    if len(shapes) != 1 or "" in shapes:
+        return []
+    shape = shapes.pop()
+    hit = [(int(h), int(r), float(q)) for h, r, q in zip(cand["hash"], cand["row"], cand["q"])
+           if _shape(vocab.get(int(h), "")) == shape]
+    return hit if len(hit) <= n_family // 2 else []
+
+
+def _shape(token: str) -> str:
+    """Character classes of a token ("cf" -> "aa", "Q7" -> "A9"; other characters stay as they are)."""
+    return "".join("a" if "a" <= c <= "z" else "A" if "A" <= c <= "Z" else "9" if c.isdigit()
+                   else "L" if c.isalpha() else c for c in token)
 
 
 def _family_out(name: str, L: int, obs: np.ndarray, lp: list[float], c_hash: np.ndarray, k: np.ndarray,

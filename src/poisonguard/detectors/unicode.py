@@ -318,7 +318,11 @@ class UnicodeDetector(Detector):
         return p
 
     # per-row signals are local; the only global statistic is how many rows carry each signal
-    def _row_signals(self, records: pd.DataFrame) -> list[list[tuple[str, float, str]]]:
+    def _row_signals(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> list[list[tuple[str, float, str]]]:
+        # row by row, so in chunks (bounded memory for the vectorised pre-check at 1M rows)
+        return T.by_chunks(records, self._chunk_signals, chunk_rows)
+
+    def _chunk_signals(self, records: pd.DataFrame) -> list[list[tuple[str, float, str]]]:
         n = len(records)
         per_row: list[list[tuple[str, float, str]]] = [[] for _ in range(n)]
         for field, values, applies in T.text_fields(records):
