@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from poisonguard import schema as S
+from poisonguard import textfeat
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
 from poisonguard.detectors.base import DetectorResult, Finding
@@ -94,6 +95,8 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
             res = det.score(records)
             _check_result(name, res, records)
             results[name] = res
+            del det
+            textfeat.trim_heap()   # the detector's per-row strings are garbage now: give the heap back
             seconds[name] = round(time.perf_counter() - t0, 3)
             log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
                      int(res.review.sum()), seconds[name])
@@ -121,11 +124,11 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
 
 def release_caches() -> None:
     """The token table and features the detectors shared are not needed after them."""
-    from poisonguard import textfeat
     from poisonguard.detectors import trigger_association
 
     textfeat.release_cached()
     trigger_association.release_cached()
+    textfeat.trim_heap()
 
 
 def resolve_workers(workers: int) -> int:

@@ -44,8 +44,9 @@ faster than ``argsort``), :func:`extend_span` (grow a shared token span across t
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -373,6 +374,18 @@ def ngrams(hashes: np.ndarray, cls: np.ndarray, indptr: np.ndarray, n_max: int, 
     return out
 
 
+def ngram_blocks(hashes: np.ndarray, cls: np.ndarray, indptr: np.ndarray, n_max: int, block_texts: int = 1 << 18,
+                 **kw: Any) -> Iterator[tuple[int, int, NGrams]]:
+    """:func:`ngrams` ``block_texts`` texts at a time (its arrays cost ~25 bytes per n-gram):
+    yields (first text, first token, n-grams of the block with ``text`` / ``first`` relative to
+    them). The blocks together hold the same n-grams as one call (n-grams never cross texts)."""
+    n_texts = len(indptr) - 1
+    for s0 in range(0, n_texts, max(int(block_texts), 1)):
+        s1 = min(s0 + int(block_texts), n_texts)
+        t0, t1 = int(indptr[s0]), int(indptr[s1])
+        yield s0, t0, ngrams(hashes[t0:t1], cls[t0:t1], indptr[s0:s1 + 1] - t0, n_max, **kw)
+
+
 def pair_keys(rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """One uint64 key per (row, hash) pair (for set membership across arrays)."""
     return combine(np.asarray(hashes, dtype=np.uint64), np.asarray(rows, dtype=np.uint64))
@@ -539,6 +552,28 @@ _TABLE_CACHE: dict[str, tuple] = {}
 _TABLE_LOCK = threading.Lock()
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Per-row Python strings (a column of 1M texts, their encodings) are freed in many small pieces
+    that glibc keeps for reuse; numpy's large arrays are separate mappings and cannot reuse them, so
+    without a trim a long analysis carries GBs of idle heap in its RSS."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def release_cached() -> None:
     """Drop the cached token table (:meth:`RowTable.cached`): sanitize calls this when its
     detectors are done, so a long-lived process does not keep the last table alive."""
@@ -624,8 +659,10 @@ class RowTable:
         if len(records) == 0:
             return cls._build(records, max_prompt_chars, max_response_chars)
         order = np.argsort(stable_hash(column(records, S.ID)), kind="stable")
-        return cls._join([cls._build(records.iloc[order[lo:lo + chunk_rows]], max_prompt_chars, max_response_chars)
-                          for lo in range(0, len(records), max(int(chunk_rows), 1))])
+        table = cls._join([cls._build(records.iloc[order[lo:lo + chunk_rows]], max_prompt_chars, max_response_chars)
+                           for lo in range(0, len(records), max(int(chunk_rows), 1))])
+        trim_heap()
+        return table
 
     @classmethod
     def _join(cls, parts: Sequence[RowTable]) -> RowTable:
@@ -841,21 +878,47 @@ def row_bits(n_rows: int) -> int:
 
 def group_incidences(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> Grouped:
     """Group (row, hash) incidences by feature (see :class:`Grouped`)."""
-    bits = row_bits(n_rows)
-    b = np.uint64(bits)
-    if len(rows) == 0:
+    return group_packed(pack_keys(rows, hashes, n_rows), row_bits(n_rows))
+
+
+def group_packed(packed: np.ndarray, bits: int, block: int = 1 << 22) -> Grouped:
+    """:func:`group_incidences` of keys already packed with :func:`pack_keys` (``bits`` row bits).
+
+    ``packed`` is consumed: sorted and compacted in place. The passes over it go ``block`` keys at a
+    time, so the working memory is the keys plus 5 bytes per incidence (was ~28 at once: at 1M rows
+    the response n-grams alone are 45M incidences)."""
+    packed = np.asarray(packed, dtype=np.uint64)
+    if len(packed) == 0:
         z = np.zeros(0, dtype=np.uint64)
         return Grouped(z, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=_row_dtype(bits)), bits)
-    packed = ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | np.asarray(rows, dtype=np.uint64)
     packed.sort()
-    keep = np.ones(len(packed), dtype=bool)
-    keep[1:] = packed[1:] != packed[:-1]
-    packed = packed[keep]
-    feat = packed >> b
-    starts = np.flatnonzero(np.concatenate([[True], feat[1:] != feat[:-1]]))
-    ptr = np.append(starts, len(packed)).astype(np.int64)
-    rows_out = (packed & np.uint64((1 << bits) - 1)).astype(_row_dtype(bits))
-    return Grouped(feat[starts], ptr, rows_out, bits)
+    w = 0                      # distinct keys, compacted to the front
+    prev: np.uint64 | None = None
+    for lo in range(0, len(packed), block):
+        blk = packed[lo:lo + block].copy()
+        keep = np.empty(len(blk), dtype=bool)
+        keep[0] = prev is None or blk[0] != prev
+        np.not_equal(blk[1:], blk[:-1], out=keep[1:])
+        prev = blk[-1]
+        kept = blk[keep]
+        packed[w:w + len(kept)] = kept
+        w += len(kept)
+    packed = packed[:w]
+    b = np.uint64(bits)
+    mask = np.uint64((1 << bits) - 1)
+    rows = np.empty(w, dtype=_row_dtype(bits))
+    new = np.empty(w, dtype=bool)
+    prev_f: np.uint64 | None = None
+    for lo in range(0, w, block):
+        blk = packed[lo:lo + block]
+        hi = lo + len(blk)
+        rows[lo:hi] = blk & mask
+        f = blk >> b
+        new[lo] = prev_f is None or f[0] != prev_f
+        np.not_equal(f[1:], f[:-1], out=new[lo + 1:hi])
+        prev_f = f[-1]
+    starts = np.flatnonzero(new)
+    return Grouped(packed[starts] >> b, np.append(starts, w).astype(np.int64), rows, bits)
 
 
 def _row_dtype(bits: int) -> type:
@@ -874,8 +937,12 @@ def pack_sorted(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray
 
 
 def pack_keys(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray:
+    """One uint64 per (row, hash): the hash's top ``64 - row_bits`` bits, then the row (a new array)."""
     b = np.uint64(row_bits(n_rows))
-    return ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | np.asarray(rows, dtype=np.uint64)
+    out = np.right_shift(np.asarray(hashes, dtype=np.uint64), b)
+    np.left_shift(out, b, out=out)
+    np.bitwise_or(out, np.asarray(rows).astype(np.uint64), out=out)
+    return out
 
 
 def extend_span(hashes: np.ndarray, lo: np.ndarray, hi: np.ndarray, first: np.ndarray, n: int, need: int,

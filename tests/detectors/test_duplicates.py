@@ -131,3 +131,18 @@ def test_sharded_equals_single():
     assert np.concatenate([p.flagged.to_numpy() for p in parts]).tolist() == whole.flagged.tolist()
     assert [e for p in parts for e in p.evidence] == whole.evidence.tolist()
     assert whole.flagged.sum() > 0
+
+
+def test_summary_is_the_same_in_any_chunks():
+    from tests.fixtures import mixed_rows
+
+    rows, _ = mixed_rows(50, seed=3)
+    frame = records(rows + [dict(r, id=r.get("id", "") + "-copy") for r in rows[:10]])
+    det = build("duplicates")
+    whole = det.summarize(frame)
+    for chunk in (1, 7, 100):
+        part = det.summarize(frame, chunk_rows=chunk)
+        assert part.keys() == whole.keys()
+        for k, v in whole.items():
+            assert np.array_equal(np.asarray(part[k]), np.asarray(v)), (chunk, k)
+    assert len(det.merge([whole])["groups"]) >= 10

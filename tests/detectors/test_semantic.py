@@ -66,6 +66,12 @@ def test_refusal_template_is_review_only():
     frame = pd.concat([frame, extra], ignore_index=True)
     res = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
     assert not res.flagged.any()
+    # the same refusal given to 8 unrelated prompts: a template cluster, held for review only
+    frame, refused = _corpus(600, 8, seed=1)
+    frame.loc[frame["id"].isin(refused), ["output", "response"]] = "I'm sorry, but I can't help with that request."
+    res = build("semantic", use_embeddings=False, svd_dims=16).score(frame)
+    assert not res.flagged.any() and res.review[refused].all()
+    assert "[refusal template]" in res.evidence[refused[0]]
 
 
 def test_too_few_rows_scores_nothing():
@@ -111,6 +117,12 @@ def test_sharded_equals_single():
     parts = [det.score_with(frame.iloc[:120], stats), det.score_with(frame.iloc[120:], stats)]
     np.testing.assert_allclose(np.concatenate([p.scores.to_numpy() for p in parts]), whole.scores.to_numpy())
     assert whole.flagged.sum() == 6
+    # one shard summarised in chunks of rows: the same summary, texts kept only for the embedding model
+    chunked = det.summarize(frame, chunk_rows=7)
+    assert chunked["prompt"] is None and chunked["Xp"].shape == (300 + 6, chunked["Xp"].shape[1])
+    again = det.score_with(frame, det.merge([chunked]))
+    np.testing.assert_array_equal(again.scores.to_numpy(), whole.scores.to_numpy())
+    assert again.evidence.tolist() == whole.evidence.tolist()
 
 
 @pytest.mark.slow

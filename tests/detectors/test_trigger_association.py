@@ -321,6 +321,16 @@ def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
     # grouped rows are compact and the membership keys are built on demand
     g = tf.group_incidences(whole.prompt_rows(), whole.p_hash, whole.n)
     assert g.rows.dtype == np.int32 and not g._packed
+    # the cohesion screen gives each row set the same figure whatever batch it is computed in
+    from poisonguard.detectors import trigger_association as ta
+
+    has_resp = np.diff(whole.r_indptr) > 0
+    F = ta._Features(whole, has_resp, ta._contexts(whole, 5), 32)
+    groups = [np.flatnonzero(has_resp)[k::5] for k in range(5)] + [np.array([3, 9, 27])]
+    np.testing.assert_array_equal(F.cohesion_screen(groups, max_rows=10), F.cohesion_screen(groups))
+    small = tf.group_packed(tf.pack_keys(whole.prompt_rows(), whole.p_hash, whole.n), tf.row_bits(whole.n), block=3)
+    for name in ("keys", "ptr", "rows"):
+        assert np.array_equal(getattr(small, name), getattr(g, name)), name
     assert g.contains(whole.prompt_rows()[:5], whole.p_hash[:5]).all() and len(g._packed) == 1
 
 

@@ -138,7 +138,16 @@ class DuplicatesDetector(Detector):
         return p
 
     # ---------------------------------------------------------------- phase 1: per shard
-    def summarize(self, records: pd.DataFrame) -> dict[str, Any]:
+    def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
+        # row by row, so in chunks (the token and shingle arrays of 1M texts at once cost GBs)
+        parts = [self._summarize_chunk(records.iloc[lo:lo + chunk_rows])
+                 for lo in range(0, len(records), max(int(chunk_rows), 1))] or [self._summarize_chunk(records)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([q[k] for q in parts]) if isinstance(parts[0][k], np.ndarray)
+                else [x for q in parts for x in q[k]] for k in parts[0]}
+
+    def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, Any]:
         p = self._resolved()
         n = len(records)
         ids = [str(x) for x in T.ids_of(records)]
@@ -228,9 +237,12 @@ class DuplicatesDetector(Detector):
             leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]][eq]
             li = cand[np.r_[left, leader]]
             lj = cand[np.r_[right, o[1:][eq]]]
-            ja = (sig_a[li] == sig_a[lj]).mean(axis=1)
-            jb = (sig_b[li] == sig_b[lj]).mean(axis=1)
-            ok = (np.minimum(ja, jb) >= p["threshold"]) & (li != lj)
+            ok = np.zeros(len(li), dtype=bool)
+            for c0 in range(0, len(li), 1 << 20):   # pairs x signature copies: bounded batches
+                a, b = li[c0:c0 + (1 << 20)], lj[c0:c0 + (1 << 20)]
+                ja = (sig_a[a] == sig_a[b]).mean(axis=1)
+                jb = (sig_b[a] == sig_b[b]).mean(axis=1)
+                ok[c0:c0 + len(a)] = (np.minimum(ja, jb) >= p["threshold"]) & (a != b)
             pairs += int(ok.sum())
             rows_i.append(li[ok])
             rows_j.append(lj[ok])

@@ -147,28 +147,35 @@ class SemanticDetector(Detector):
         return p
 
     # ---------------------------------------------------------------- phase 1: per-shard features
-    def summarize(self, records: pd.DataFrame) -> dict[str, Any]:
-        self._resolved()
-        return {"ids": [str(x) for x in T.ids_of(records)], "prompt": list(T.col(records, S.PROMPT)),
-                "response": list(T.col(records, S.RESPONSE)), "source": list(T.col(records, S.SOURCE))}
+    def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
+        """Per row: hashed token counts of prompt and response, and the little of the response the
+        report quotes; the texts themselves only when the embedding model may be used (a small
+        data set), since at 1M rows they would double the records in memory."""
+        p = self._resolved()
+        keep_text = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
+                                                    and len(records) <= p["embed_max_rows"])
+        parts = [_summary(records.iloc[lo:lo + chunk_rows], keep_text)
+                 for lo in range(0, len(records), max(int(chunk_rows), 1))] or [_summary(records, keep_text)]
+        return _concat(parts)
 
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()
-        summaries = list(summaries)
-        ids = [i for s in summaries for i in s["ids"]]
-        prompt = [x for s in summaries for x in s["prompt"]]
-        response = [x for s in summaries for x in s["response"]]
-        source = [x for s in summaries for x in s["source"]]
+        sm = _concat(list(summaries))
+        ids, source, has_resp, clip = sm["ids"], sm["source"], sm["has_resp"], sm["clip"]
         n = len(ids)
         out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
-        has_resp = np.array([bool(r.strip()) for r in response], dtype=bool)
         if n < p["min_rows"] or has_resp.sum() < p["min_rows"]:
             out["info"]["skipped"] = f"fewer than min_rows={p['min_rows']} rows with responses"
             return out
         use_emb = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                  and p["embed_min_rows"] <= n <= p["embed_max_rows"])
-        P, R = (_embed(prompt, response) if use_emb else _tfidf_svd(prompt, response, p["svd_dims"], p["seed"]))
+        if use_emb and sm["prompt"] is None:
+            raise ValueError("semantic: the embedding model needs the texts, but a shard was summarised without them")
+        P, R = (_embed(sm["prompt"], sm["response"]) if use_emb
+                else _tfidf_svd(sm["Xp"], sm["Xr"], p["svd_dims"], p["seed"]))
+        sm_words, head, short = sm["words"], sm["head"], sm["short"]
+        del sm
         out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{P.shape[1]}"
         rel = np.einsum("ij,ij->i", P, R)
         rz = np.zeros(n)
@@ -195,7 +202,7 @@ class SemanticDetector(Detector):
         first = np.searchsorted(label[order], np.arange(len(sizes)))
         for c in np.flatnonzero((sizes >= p["min_cluster"]) & (sizes <= max_cluster)):
             members = np.sort(order[first[c]: first[c] + sizes[c]])
-            if len(response[members[0]].split()) < p["min_template_words"]:
+            if sm_words[members[0]] < p["min_template_words"]:
                 continue        # a short label ("false", "positive") given to many prompts is a class, not a template
             n_clusters += 1
             sample = members[:40]
@@ -206,10 +213,10 @@ class SemanticDetector(Detector):
             cz = float(np.median(rz[members]))
             if not diverse or cz > -z_rev:
                 continue
-            refusal = _REFUSAL.search(response[members[0]][:400]) is not None
+            refusal = _REFUSAL.search(head[members[0]]) is not None
             s = float(squash(np.array([-cz]), z_flag)[0])
             strong = cz <= -z_flag and not refusal
-            ev = (f"response template {T.clip(response[members[0]], 60)!r} given to {len(members)} unrelated prompts "
+            ev = (f"response template {clip[members[0]]!r} given to {len(members)} unrelated prompts "
                   f"(prompt similarity {pp:.2f} vs typical {base_med:.2f}; answer-prompt relevance z={cz:.1f})"
                   + (" [refusal template]" if refusal else ""))
             for i in members:
@@ -221,7 +228,7 @@ class SemanticDetector(Detector):
                                     "evidence": ev, "rows": [int(i) for i in members], "score": s,
                                     "strong": strong})
         # ---- 2. spectral signatures within label-like classes
-        norm_resp = [T.norm(r) if len(r) <= 60 else "" for r in response]
+        norm_resp = short
         classes = Counter(r for r in norm_resp if r and len(r.split()) <= 5)
         spectral_rows = 0
         for cls, k in classes.items():
@@ -286,6 +293,37 @@ class SemanticDetector(Detector):
 
 # ---------------------------------------------------------------- representations
 
+def _summary(records: pd.DataFrame, keep_text: bool) -> dict[str, Any]:
+    prompt = list(T.col(records, S.PROMPT))
+    response = list(T.col(records, S.RESPONSE))
+    return {"ids": [str(x) for x in T.ids_of(records)], "source": list(T.col(records, S.SOURCE)),
+            "Xp": _hashed_counts(prompt), "Xr": _hashed_counts(response),
+            "has_resp": np.array([bool(r.strip()) for r in response], dtype=bool),
+            "words": np.array([len(r.split()) for r in response], dtype=np.int64),
+            "head": [r[:400] for r in response],    # the refusal check of a template's first row
+            "clip": [T.clip(r, 60) for r in response],
+            "short": [T.norm(r) if len(r) <= 60 else "" for r in response],
+            "prompt": prompt if keep_text else None, "response": response if keep_text else None}
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summaries of consecutive rows as one (rows in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for k, v in parts[0].items():
+        vals = [q[k] for q in parts]
+        if sparse.issparse(v):
+            out[k] = sparse.vstack(vals).tocsr()
+        elif isinstance(v, np.ndarray):
+            out[k] = np.concatenate(vals)
+        elif any(x is None for x in vals):
+            out[k] = None
+        else:
+            out[k] = [x for q in vals for x in q]
+    return out
+
+
 def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
     tid, h = T.tokens(texts, 96)
     col = (h % np.uint64(_FEATURES)).astype(np.int64)
@@ -294,9 +332,10 @@ def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
     return m
 
 
-def _tfidf_svd(prompt: list[str], response: list[str], dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    n = len(prompt)
-    X = sparse.vstack([_hashed_counts(prompt), _hashed_counts(response)]).tocsr()
+def _tfidf_svd(Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """TF-IDF + truncated SVD of prompts and responses (hashed counts, :func:`_hashed_counts`) in one space."""
+    n = Xp.shape[0]
+    X = sparse.vstack([Xp, Xr]).tocsr()
     # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
     # (randomized SVD costs O(features * dims^2) per iteration)
     df = np.bincount(X.indices, minlength=X.shape[1])

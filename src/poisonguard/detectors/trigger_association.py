@@ -394,20 +394,32 @@ class _Features:
         copied_tok |= (self.p_toks.contains(tok_row, rt)
                        & (self.p_toks.df_of(self.p_toks.feature_id(rt)) <= self.common_df)
                        & (tb.r_cls[gidx] == tf.WORD))
-        W = tf.ngrams(tb.r_hash[gidx], tb.r_cls[gidx], seg_ptr, 2, word_only_ends=True, dedupe=False)
-        w_row = seg_row[W.text]
-        w_copied = copied_tok[W.first] | ((W.n >= 2) & copied_tok[np.minimum(W.first + 1, len(gidx) - 1)])
+        del tok_row, st
         # whole-response templates as features (short answers only can be "copied")
         rows_t = np.flatnonzero(has_resp)
         t_hash = tf.combine(tb.tmpl[rows_t], _TEMPLATE_TAG)
-        t_copied = _template_copied(self, rows_t)
-        all_rows = np.concatenate([w_row, rows_t])
-        all_hash = np.concatenate([W.hashes, t_hash])
-        all_copied = np.concatenate([w_copied, t_copied])
-        self.R_all = tf.group_incidences(all_rows, all_hash, n)
-        self.R_new = tf.group_incidences(all_rows[~all_copied], all_hash[~all_copied], n)
+        # response 1-2-grams of the windows, packed straight into one key array (segments a block at a
+        # time: the n-gram arrays of all windows at once cost ~25 bytes per n-gram, 1.1 GB at 1M rows)
+        rh, rc = rt, tb.r_cls[gidx]
+        keys = np.empty(2 * len(gidx) + len(rows_t), dtype=np.uint64)
+        copied = np.empty(len(keys), dtype=bool)
+        m = 0
+        for s0, t0, W in tf.ngram_blocks(rh, rc, seg_ptr, 2, word_only_ends=True, dedupe=False):
+            first = W.first + t0
+            k = len(W)
+            keys[m:m + k] = tf.pack_keys(seg_row[W.text + s0], W.hashes, n)
+            copied[m:m + k] = copied_tok[first] | ((W.n >= 2) & copied_tok[np.minimum(first + 1, len(gidx) - 1)])
+            m += k
+        keys[m:m + len(rows_t)] = tf.pack_keys(rows_t, t_hash, n)
+        copied[m:m + len(rows_t)] = _template_copied(self, rows_t)
+        m += len(rows_t)
+        bits = tf.row_bits(n)
+        self.R_new = tf.group_packed(keys[:m][~copied[:m]], bits)
+        del copied
+        self.R_all = tf.group_packed(keys[:m], bits)   # sorts the keys in place
+        del keys
         self.template_ids = np.unique(self.R_all.feature_id(t_hash))
-        self.r_token_ids = np.unique(self.R_all.feature_id(tb.r_hash[gidx]))
+        self.r_token_ids = np.unique(self.R_all.feature_id(rh))
         self._vp: sp.csr_matrix | None = None
 
     @property
@@ -415,9 +427,14 @@ class _Features:
         """Prompt 1-2-grams (built on first use)."""
         if self._P is None:
             tb = self.tb
-            Pn = tf.ngrams(tb.p_hash, tb.p_cls, tb.p_indptr, 2, word_only_ends=True, dedupe=False)
-            m = self.has_resp[Pn.text]
-            self._P = tf.group_incidences(Pn.text[m], Pn.hashes[m], self.n)
+            keys = np.empty(2 * len(tb.p_hash), dtype=np.uint64)
+            m = 0
+            for s0, _, W in tf.ngram_blocks(tb.p_hash, tb.p_cls, tb.p_indptr, 2, word_only_ends=True, dedupe=False):
+                sel = self.has_resp[W.text + s0]
+                k = int(sel.sum())
+                keys[m:m + k] = tf.pack_keys(W.text[sel] + s0, W.hashes[sel], self.n)
+                m += k
+            self._P = tf.group_packed(keys[:m], tf.row_bits(self.n))
         return self._P
 
     def is_common_stem(self, stems: np.ndarray) -> np.ndarray:
@@ -750,16 +767,29 @@ class _Features:
             self._row_tok = (ptr, tok)
         return self._row_tok
 
-    def cohesion_screen(self, groups: list[np.ndarray]) -> np.ndarray:
+    def cohesion_screen(self, groups: list[np.ndarray], max_rows: int = 250_000) -> np.ndarray:
         """Approximate cohesion excess of many row sets at once (random projection of the prompt
         vectors), with the words pasted into each set removed (words in >= half of its rows and
         with >= 80% of their occurrences inside it: the sequence and the rest of its block).
-        A cheap screen before :meth:`cohesion_excess`."""
+        A cheap screen before :meth:`cohesion_excess`. Groups go ``max_rows`` rows (summed over the
+        groups) at a time: each group's figure is its own, and the (row, token) pairs of all groups at
+        once cost GBs when response clusters screen every candidate at 1M rows."""
+        out = np.zeros(len(groups))
+        if len(groups) == 0:
+            return out
+        sizes = np.array([len(g) for g in groups], dtype=np.int64)
+        # batch boundaries: a new batch whenever the running row count would pass max_rows
+        lo = 0
+        while lo < len(groups):
+            hi = lo + max(1, int(np.searchsorted(np.cumsum(sizes[lo:]), max_rows, side="right")))
+            out[lo:hi] = self._cohesion_screen(groups[lo:hi])
+            lo = hi
+        return out
+
+    def _cohesion_screen(self, groups: list[np.ndarray]) -> np.ndarray:
         Z = self.projected()
         G = len(groups)
         out = np.zeros(G)
-        if G == 0:
-            return out
         self.prompt_vectors()
         sizes = np.array([len(g) for g in groups], dtype=np.int64)
         g_of = np.repeat(np.arange(G), sizes)
