@@ -751,13 +751,27 @@ class RowTable:
 
     @classmethod
     def concat(cls, tables: Sequence[RowTable]) -> RowTable:
-        """All rows of ``tables`` in ascending ``key`` order (independent of the sharding)."""
+        """All rows of ``tables`` in ascending ``key`` order (independent of the sharding). The
+        trigger and response detectors merge the same shard tables one after the other: the last
+        result is reused while those tables are alive (one table in memory, not two)."""
+        import weakref
+
         tables = [t for t in tables if t is not None]
         if not tables:
             return cls.empty()
         if len(tables) == 1 and (tables[0].n < 2 or bool((tables[0].key[1:] >= tables[0].key[:-1]).all())):
             return tables[0]   # already in key order (what build gives): no copy
+        with _TABLE_LOCK:
+            hit = _TABLE_CACHE.get("concat")
+            if hit is not None and len(hit[0]) == len(tables) and all(r() is t for r, t in zip(hit[0], tables)):
+                return hit[1]
+        table = cls._concat(tables)
+        with _TABLE_LOCK:
+            _TABLE_CACHE["concat"] = ([weakref.ref(t) for t in tables], table)
+        return table
 
+    @classmethod
+    def _concat(cls, tables: list[RowTable]) -> RowTable:
         def cat(name: str) -> np.ndarray:
             return np.concatenate([getattr(t, name) for t in tables])
 

@@ -316,6 +316,9 @@ def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
     assert tf.RowTable.concat([whole]) is whole
     shards = [tf.RowTable.build(frame.iloc[a:b]) for a, b in ((0, 40), (40, 41), (41, 150))]
     joined = tf.RowTable.concat(shards)
+    assert tf.RowTable.concat(shards) is joined   # the response detector's merge reuses it
+    tf.release_cached()
+    assert tf.RowTable.concat(shards) is not joined
     for name, v in whole.__dict__.items():
         assert np.array_equal(getattr(joined, name), v), name
     # grouped rows are compact and the membership keys are built on demand

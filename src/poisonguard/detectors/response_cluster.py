@@ -84,7 +84,9 @@ class _Stats:
     cluster: np.ndarray
     clusters: list[_Cluster]
     info: dict[str, Any]
-    table: tf.RowTable | None = None
+    # token hashes of each kept phrase cluster's phrase (index -> hashes): what scoring needs from
+    # the token table to quote the phrase (the table would travel with the statistics)
+    spans: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @register
@@ -168,7 +170,7 @@ class ResponseClusterDetector(Detector):
         findings = []
         for j, rows in sorted(local.items()):
             cl = stats.clusters[j]
-            title, ev = _texts(cl, rows, responses, stats.table, self, prompts)
+            title, ev = _texts(cl, rows, responses, stats.spans.get(j), self, prompts)
             for i in rows:
                 evidence[i] = ev
             fl = [i for i in rows if flagged[i]]
@@ -219,7 +221,8 @@ def _analyse(tb: tf.RowTable, det: ResponseClusterDetector) -> _Stats:
         cluster[cl.rows[better]] = j
     info["clusters"] = len(kept)
     info["flagged_rows"] = int((cluster >= 0).sum())
-    return _Stats(tb.key, np.clip(score, 0, 1), cluster, kept, info, tb)
+    spans = {j: tb.r_hash[cl.occ[0]:cl.occ[0] + cl.occ[1]].copy() for j, cl in enumerate(kept) if cl.occ is not None}
+    return _Stats(tb.key, np.clip(score, 0, 1), cluster, kept, info, spans)
 
 
 def _strength(k: int, n: int, tests: int) -> float:
@@ -491,7 +494,7 @@ def _shared_text(cl: _Cluster, rows: list[int], prompts: np.ndarray | None, det:
     return f"; the prompts share only the word(s) {', '.join(repr(w) for w in words)}" if words else ""
 
 
-def _texts(cl: _Cluster, rows: list[int], responses: np.ndarray, tb: tf.RowTable | None,
+def _texts(cl: _Cluster, rows: list[int], responses: np.ndarray, hashes: np.ndarray | None,
            det: ResponseClusterDetector, prompts: np.ndarray | None = None) -> tuple[str, str]:
     k = len(cl.rows)
     shared = _shared_text(cl, rows, prompts, det)
@@ -503,8 +506,7 @@ def _texts(cl: _Cluster, rows: list[int], responses: np.ndarray, tb: tf.RowTable
                 f"output template {t!r} is the whole answer to {k} unrelated prompts (prompt cohesion "
                 f"{coh:+.3f} vs. random rows of their tasks){shared}{related}")
     phrase = "?"
-    if tb is not None and cl.occ is not None:
-        hashes = tb.r_hash[cl.occ[0]:cl.occ[0] + cl.occ[1]]
+    if hashes is not None:
         for i in rows[:10]:
             phrase = _decode_span(str(responses[i]), det.max_response_chars, hashes)
             if phrase != "?":

@@ -128,7 +128,10 @@ class _Stats:
     finding: np.ndarray         # index into findings or -1
     findings: list[_Accepted]
     info: dict[str, Any]
-    table: tf.RowTable | None = None
+    # token hashes of each finding's trigger / response span, keyed (0 prompt | 1 response, first
+    # token, length): all that scoring needs from the token table to word the findings (the table
+    # itself would travel with the statistics to every score step)
+    spans: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)
 
 
 @register
@@ -289,7 +292,13 @@ def _analyse(tb: tf.RowTable, det: TriggerAssociationDetector) -> _Stats:
         finding[acc.rows] = j
     info["findings"] = len(accepted)
     info["flagged_rows"] = int(sum(len(a.rows) for a in accepted))
-    return _Stats(tb.key, np.clip(score, 0.0, 1.0), finding, accepted, info, tb)
+    spans: dict[tuple[int, int, int], np.ndarray] = {}
+    for acc in accepted:
+        for side, key, hashes in ((0, "_t_first", tb.p_hash), (1, "_f_first", tb.r_hash)):
+            occ = acc.extra.get(key)
+            if occ:
+                spans[(side, int(occ[0]), int(occ[1]))] = hashes[occ[0]:occ[0] + occ[1]].copy()
+    return _Stats(tb.key, np.clip(score, 0.0, 1.0), finding, accepted, info, spans)
 
 
 def _contexts(tb: tf.RowTable, min_context: int) -> np.ndarray:
@@ -1587,9 +1596,6 @@ def _finding_texts(records: pd.DataFrame, stats: _Stats, local_rows: dict[int, l
                    det: TriggerAssociationDetector) -> dict[int, tuple[str, str]]:
     """Title and evidence of every finding that has rows in this shard (decoded from them)."""
     out: dict[int, tuple[str, str]] = {}
-    tb = stats.table
-    if tb is None:
-        return out
     prompts = tf.column(records, S.PROMPT)
     responses = tf.column(records, S.RESPONSE)
     instr = tf.column(records, S.INSTRUCTION)
@@ -1597,8 +1603,8 @@ def _finding_texts(records: pd.DataFrame, stats: _Stats, local_rows: dict[int, l
         acc = stats.findings[j]
         t_first = acc.extra.get("_t_first")
         trig = "?"
-        if t_first:
-            hashes = tb.p_hash[t_first[0]:t_first[0] + t_first[1]]
+        hashes = stats.spans.get((0, int(t_first[0]), int(t_first[1]))) if t_first else None
+        if hashes is not None:
             for i in rows[:10]:
                 trig = _decode_span(str(prompts[i]), det.max_prompt_chars, hashes)
                 if trig != "?":
@@ -1611,8 +1617,8 @@ def _finding_texts(records: pd.DataFrame, stats: _Stats, local_rows: dict[int, l
             else:
                 f_first = acc.extra.get("_f_first")
                 phrase = "?"
-                if f_first:
-                    hashes = tb.r_hash[f_first[0]:f_first[0] + f_first[1]]
+                hashes = stats.spans.get((1, int(f_first[0]), int(f_first[1]))) if f_first else None
+                if hashes is not None:
                     for i in rows[:10]:
                         phrase = _decode_span(str(responses[i]), det.max_response_chars, hashes)
                         if phrase != "?":
