@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -552,6 +552,9 @@ _TABLE_CACHE: dict[str, tuple] = {}
 _TABLE_LOCK = threading.Lock()
 
 
+_LIBC: Any = None   # glibc, loaded on first trim (False where there is none)
+
+
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -571,14 +574,13 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-_LIBC: Any = None
-
-
 def release_cached() -> None:
     """Drop the cached token table (:meth:`RowTable.cached`): sanitize calls this when its
     detectors are done, so a long-lived process does not keep the last table alive."""
     with _TABLE_LOCK:
         _TABLE_CACHE.clear()
+
+
 KIND_OTHER = 3
 
 
@@ -615,6 +617,10 @@ def chat_openings(messages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         first[i] = before[0] if before else ""
         request[i] = "\n".join(before)
     return first, request
+
+
+#: RowTable's CSR index arrays and the per-token arrays each delimits
+_CSR = {"p_indptr": ("p_hash", "p_cls", "p_stem"), "r_indptr": ("r_hash", "r_cls", "r_stem")}
 
 
 @dataclass
@@ -669,18 +675,23 @@ class RowTable:
         """Tables one after the other (row order kept)."""
         if len(parts) == 1:
             return parts[0]
+        cols: dict[str, np.ndarray] = {}
+        for f in fields(cls):
+            vals = [getattr(t, f.name) for t in parts]
+            cols[f.name] = (np.concatenate([[0], np.cumsum(np.concatenate([np.diff(v) for v in vals]))]).astype(np.int64)
+                            if f.name in _CSR else np.concatenate(vals))
+        return cls(**cols)
 
-        def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(t, name) for t in parts])
-
-        def ptr(name: str) -> np.ndarray:
-            return np.concatenate([[0], np.cumsum(np.concatenate([np.diff(getattr(t, name)) for t in parts]))]
-                                  ).astype(np.int64)
-
-        return cls(ids=cat("ids"), key=cat("key"), kind=cat("kind"), ctx=cat("ctx"), tmpl=cat("tmpl"),
-                   source=cat("source"), p_indptr=ptr("p_indptr"), p_hash=cat("p_hash"), p_cls=cat("p_cls"),
-                   r_indptr=ptr("r_indptr"), r_hash=cat("r_hash"), r_cls=cat("r_cls"), p_stem=cat("p_stem"),
-                   r_stem=cat("r_stem"), p_req=cat("p_req"), p_ins=cat("p_ins"))
+    def _take(self, order: np.ndarray) -> RowTable:
+        """The rows ``order`` (a permutation), token arrays regrouped to match."""
+        in_csr = {v for vals in _CSR.values() for v in vals}
+        cols = {f.name: getattr(self, f.name)[order] for f in fields(self)
+                if f.name not in _CSR and f.name not in in_csr}
+        for ptr, vals in _CSR.items():
+            indptr, *out = _reorder_csr(np.diff(getattr(self, ptr)), order, *[getattr(self, v) for v in vals])
+            cols[ptr] = indptr
+            cols.update(zip(vals, out))
+        return RowTable(**cols)
 
     @classmethod
     def _build(cls, records: pd.DataFrame, max_prompt_chars: int, max_response_chars: int) -> RowTable:
@@ -772,25 +783,8 @@ class RowTable:
 
     @classmethod
     def _concat(cls, tables: list[RowTable]) -> RowTable:
-        def cat(name: str) -> np.ndarray:
-            return np.concatenate([getattr(t, name) for t in tables])
-
-        def cat_csr(ptr: str, *vals: str) -> tuple[np.ndarray, ...]:
-            lens = np.concatenate([np.diff(getattr(t, ptr)) for t in tables])
-            return (lens, *[cat(v) for v in vals])
-
-        key = cat("key")
-        order = np.argsort(key, kind="stable")
-        p_req = cat("p_req")[order]
-        p_ins = cat("p_ins")[order]
-        p_len, p_hash, p_cls, p_stem = cat_csr("p_indptr", "p_hash", "p_cls", "p_stem")
-        r_len, r_hash, r_cls, r_stem = cat_csr("r_indptr", "r_hash", "r_cls", "r_stem")
-        p_indptr, p_hash, p_cls, p_stem = _reorder_csr(p_len, order, p_hash, p_cls, p_stem)
-        r_indptr, r_hash, r_cls, r_stem = _reorder_csr(r_len, order, r_hash, r_cls, r_stem)
-        return cls(ids=cat("ids")[order], key=key[order], kind=cat("kind")[order], ctx=cat("ctx")[order],
-                   tmpl=cat("tmpl")[order], source=cat("source")[order], p_indptr=p_indptr, p_hash=p_hash,
-                   p_cls=p_cls, r_indptr=r_indptr, r_hash=r_hash, r_cls=r_cls, p_stem=p_stem, r_stem=r_stem,
-                   p_req=p_req, p_ins=p_ins)
+        joined = cls._join(tables)
+        return joined._take(np.argsort(joined.key, kind="stable"))
 
     @classmethod
     def empty(cls) -> RowTable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,36 @@ def col(records: pd.DataFrame, name: str) -> np.ndarray:
     return records[name].fillna("").astype(str).to_numpy(dtype=object)
 
 
-def by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], list[Any]], chunk_rows: int) -> list[Any]:
-    """``fn`` (one item per row) over ``chunk_rows`` rows at a time, concatenated: a row-by-row
-    analysis whose vectorised pre-checks would hold GBs for 1M rows at once."""
-    out: list[Any] = []
+def row_chunks(records: pd.DataFrame, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """``records`` ``chunk_rows`` rows at a time, for row-by-row analyses whose vectorised steps
+    would hold GBs for 1M rows at once (nothing for an empty frame)."""
     for lo in range(0, len(records), max(int(chunk_rows), 1)):
-        out.extend(fn(records.iloc[lo:lo + chunk_rows]))
+        yield records.iloc[lo:lo + chunk_rows]
+
+
+def by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], list[Any]], chunk_rows: int) -> list[Any]:
+    """``fn`` (one item per row) over :func:`row_chunks`, concatenated."""
+    return [x for chunk in row_chunks(records, chunk_rows) for x in fn(chunk)]
+
+
+def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-row summaries of consecutive chunks as one (rows in order): arrays and sparse matrices
+    stacked by row, lists joined; a value that is None in any part is None."""
+    if len(parts) == 1:
+        return parts[0]
+    from scipy import sparse
+
+    out: dict[str, Any] = {}
+    for k, v in parts[0].items():
+        vals = [q[k] for q in parts]
+        if any(x is None for x in vals):
+            out[k] = None
+        elif sparse.issparse(v):
+            out[k] = sparse.vstack(vals).tocsr()
+        elif isinstance(v, np.ndarray):
+            out[k] = np.concatenate(vals)
+        else:
+            out[k] = [x for q in vals for x in q]
     return out
 
 

@@ -140,12 +140,8 @@ class DuplicatesDetector(Detector):
     # ---------------------------------------------------------------- phase 1: per shard
     def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
         # row by row, so in chunks (the token and shingle arrays of 1M texts at once cost GBs)
-        parts = [self._summarize_chunk(records.iloc[lo:lo + chunk_rows])
-                 for lo in range(0, len(records), max(int(chunk_rows), 1))] or [self._summarize_chunk(records)]
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([q[k] for q in parts]) if isinstance(parts[0][k], np.ndarray)
-                else [x for q in parts for x in q[k]] for k in parts[0]}
+        return T.concat_parts([self._summarize_chunk(c) for c in T.row_chunks(records, chunk_rows)]
+                              or [self._summarize_chunk(records)])
 
     def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, Any]:
         p = self._resolved()

@@ -154,14 +154,13 @@ class SemanticDetector(Detector):
         p = self._resolved()
         keep_text = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                     and len(records) <= p["embed_max_rows"])
-        parts = [_summary(records.iloc[lo:lo + chunk_rows], keep_text)
-                 for lo in range(0, len(records), max(int(chunk_rows), 1))] or [_summary(records, keep_text)]
-        return _concat(parts)
+        return T.concat_parts([_summary(c, keep_text) for c in T.row_chunks(records, chunk_rows)]
+                              or [_summary(records, keep_text)])
 
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()
-        sm = _concat(list(summaries))
+        sm = T.concat_parts(list(summaries))
         ids, source, has_resp, clip = sm["ids"], sm["source"], sm["has_resp"], sm["clip"]
         n = len(ids)
         out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
@@ -174,7 +173,7 @@ class SemanticDetector(Detector):
             raise ValueError("semantic: the embedding model needs the texts, but a shard was summarised without them")
         P, R = (_embed(sm["prompt"], sm["response"]) if use_emb
                 else _tfidf_svd(sm["Xp"], sm["Xr"], p["svd_dims"], p["seed"]))
-        sm_words, head, short = sm["words"], sm["head"], sm["short"]
+        words, head, norm_resp = sm["words"], sm["head"], sm["short"]
         del sm
         out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{P.shape[1]}"
         rel = np.einsum("ij,ij->i", P, R)
@@ -202,7 +201,7 @@ class SemanticDetector(Detector):
         first = np.searchsorted(label[order], np.arange(len(sizes)))
         for c in np.flatnonzero((sizes >= p["min_cluster"]) & (sizes <= max_cluster)):
             members = np.sort(order[first[c]: first[c] + sizes[c]])
-            if sm_words[members[0]] < p["min_template_words"]:
+            if words[members[0]] < p["min_template_words"]:
                 continue        # a short label ("false", "positive") given to many prompts is a class, not a template
             n_clusters += 1
             sample = members[:40]
@@ -228,7 +227,6 @@ class SemanticDetector(Detector):
                                     "evidence": ev, "rows": [int(i) for i in members], "score": s,
                                     "strong": strong})
         # ---- 2. spectral signatures within label-like classes
-        norm_resp = short
         classes = Counter(r for r in norm_resp if r and len(r.split()) <= 5)
         spectral_rows = 0
         for cls, k in classes.items():
@@ -304,24 +302,6 @@ def _summary(records: pd.DataFrame, keep_text: bool) -> dict[str, Any]:
             "clip": [T.clip(r, 60) for r in response],
             "short": [T.norm(r) if len(r) <= 60 else "" for r in response],
             "prompt": prompt if keep_text else None, "response": response if keep_text else None}
-
-
-def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summaries of consecutive rows as one (rows in order)."""
-    if len(parts) == 1:
-        return parts[0]
-    out: dict[str, Any] = {}
-    for k, v in parts[0].items():
-        vals = [q[k] for q in parts]
-        if sparse.issparse(v):
-            out[k] = sparse.vstack(vals).tocsr()
-        elif isinstance(v, np.ndarray):
-            out[k] = np.concatenate(vals)
-        elif any(x is None for x in vals):
-            out[k] = None
-        else:
-            out[k] = [x for q in vals for x in q]
-    return out
 
 
 def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:

@@ -399,17 +399,16 @@ class _Features:
         copied_tok = self.p_stems.contains(tok_row, st) & ~self.is_common_stem(st)
         # the exact word copied: a stem can be common for an unrelated reason ("Current year:" in
         # many prompts makes "current" common) while the word itself ("currents") is not
-        rt = tb.r_hash[gidx]
-        copied_tok |= (self.p_toks.contains(tok_row, rt)
-                       & (self.p_toks.df_of(self.p_toks.feature_id(rt)) <= self.common_df)
-                       & (tb.r_cls[gidx] == tf.WORD))
+        rh, rc = tb.r_hash[gidx], tb.r_cls[gidx]
+        copied_tok |= (self.p_toks.contains(tok_row, rh)
+                       & (self.p_toks.df_of(self.p_toks.feature_id(rh)) <= self.common_df)
+                       & (rc == tf.WORD))
         del tok_row, st
         # whole-response templates as features (short answers only can be "copied")
         rows_t = np.flatnonzero(has_resp)
         t_hash = tf.combine(tb.tmpl[rows_t], _TEMPLATE_TAG)
         # response 1-2-grams of the windows, packed straight into one key array (segments a block at a
         # time: the n-gram arrays of all windows at once cost ~25 bytes per n-gram, 1.1 GB at 1M rows)
-        rh, rc = rt, tb.r_cls[gidx]
         keys = np.empty(2 * len(gidx) + len(rows_t), dtype=np.uint64)
         copied = np.empty(len(keys), dtype=bool)
         m = 0
