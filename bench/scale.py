@@ -9,8 +9,9 @@ Runs, each in its own subprocess (so its peak memory is its own):
 
 * ``single N``    :func:`poisonguard.sanitize.sanitize` on all N rows in one process;
 * ``dask N``      :func:`poisonguard.sharded.sanitize_sharded` with ``--shards`` shards on a
-  ``distributed.LocalCluster`` of 2 worker processes (1 thread each): summaries and scoring run
-  on the workers, the merge in the driver;
+  ``distributed.LocalCluster`` of 2 worker processes (1 thread each): summaries, the merges (one
+  task per detector group) and scoring run on the workers, the driver holds the records and the
+  combined results;
 * ``increment``   the nightly path (:func:`poisonguard.incremental.sanitize_incremental`): a full
   run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows, all unseen
   (another ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows), are sanitized
@@ -200,7 +201,7 @@ def run_single(data: Path, truth: Path, limit: float) -> dict[str, Any]:
 
 
 def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -> dict[str, Any]:
-    from distributed import Client, LocalCluster
+    from distributed import Client, Future, LocalCluster
 
     from poisonguard import sharded
 
@@ -214,17 +215,24 @@ def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -
 
             def map_(fn, *its):  # noqa: ANN001, ANN202
                 # an argument repeated for every shard (the merged statistics, the config) is sent
-                # to the workers once, not pickled once per task
+                # to the workers once, not pickled once per task; summaries stay on the workers
                 args = []
                 for it in its:
                     it = list(it)
-                    if len(it) > 1 and all(x is it[0] for x in it):
+                    if len(it) > 1 and all(x is it[0] for x in it) and not isinstance(it[0], (Future, tuple, list)):
                         fut = client.scatter(it[0], broadcast=True, hash=False)
                         it = [fut] * len(it)
                     args.append(it)
-                return client.gather(client.map(fn, *args, pure=False))
+                futures = client.map(fn, *args, pure=False)
+                return futures if fn is sharded.summarize_shard else client.gather(futures)
 
-            res = sharded.sanitize_sharded(records, _cfg(), n_shards=shards, map_=map_)
+            def merge_(by_group, cfg):  # noqa: ANN001, ANN202
+                # one merge task per detector group on the workers, then one that collects them
+                parts = [client.submit(sharded.merge_summaries, g, cfg, pure=False) for g in by_group]
+                return client.submit(sharded.collect_stats, parts, pure=False)
+
+            res = sharded.sanitize_sharded(records, _cfg(), n_shards=shards, map_=map_, merge_=merge_,
+                                           place_=lambda parts: client.scatter(parts, hash=False))
             dt_run = time.perf_counter() - t_up
         dt = time.perf_counter() - t0
     sc = _score(res, records, y)

@@ -19,6 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
@@ -27,14 +28,24 @@ from poisonguard import paths, sharded, stages
 from poisonguard.config import IncrementalConfig, NightlyConfig, SanitizeConfig, load_config
 
 
-@task(name="summarize-shard", cache_policy=NO_CACHE)
-def summarize_shard(shard, cfg):  # noqa: ANN001, ANN201
-    return sharded.summarize_shard(shard, cfg)
+@task(name="summarize-shard", cache_policy=NO_CACHE, task_run_name="summarize-{names[0]}")
+def summarize_shard(shard, cfg, names):  # noqa: ANN001, ANN201
+    return sharded.summarize_shard(shard, cfg, names)
 
 
 @task(name="merge-summaries", cache_policy=NO_CACHE)
 def merge_summaries(summaries, cfg):  # noqa: ANN001, ANN201
     return sharded.merge_summaries(summaries, cfg)
+
+
+@task(name="hold-shard", cache_policy=NO_CACHE)
+def hold_shard(shard):  # noqa: ANN001, ANN201
+    return shard
+
+
+@task(name="collect-stats", cache_policy=NO_CACHE)
+def collect_stats(parts):  # noqa: ANN001, ANN201
+    return sharded.collect_stats(parts)
 
 
 @task(name="score-shard", cache_policy=NO_CACHE)
@@ -54,10 +65,19 @@ def prefect_map(fn, *iterables):  # noqa: ANN001, ANN201
     return [f.result() for f in futures]
 
 
-def prefect_merge(summaries, cfg):  # noqa: ANN001, ANN201
-    """The merge as a task on the cluster; its future is handed to every score task, so Dask
-    sends the global statistics to each worker once (not pickled once per shard by the flow)."""
-    return merge_summaries.submit(summaries, cfg)
+def prefect_merge(by_group, cfg):  # noqa: ANN001, ANN201
+    """One merge task per detector group on the cluster (the groups' merges run on several workers,
+    none holds every detector's summaries), then one task that collects their statistics; its
+    future is handed to every score task, so Dask sends the global statistics to each worker once
+    (not pickled once per shard by the flow)."""
+    return collect_stats.submit([merge_summaries.submit(parts, cfg) for parts in by_group])
+
+
+def prefect_place(shards):  # noqa: ANN001, ANN201
+    """Shards held in memory (rows of an incremental run) go to the cluster once, as the results
+    of one task each, that every summarize and score task of the shard then reads; shard files
+    need no placing (each task reads its own)."""
+    return [hold_shard.submit(s) if isinstance(s, pd.DataFrame) else s for s in shards]
 
 
 def dask_runner(cfg: NightlyConfig) -> DaskTaskRunner:
@@ -72,7 +92,8 @@ def sanitize_distributed(cfg: SanitizeConfig, n_shards: int, in_dir: str = str(p
                          out_dir: str = str(paths.SANITIZED), provenance_dir: str = str(paths.PROVENANCE),
                          incremental: IncrementalConfig | None = None) -> dict[str, Any]:
     return stages.sanitize(cfg, Path(in_dir), Path(out_dir), Path(provenance_dir), n_shards=n_shards,
-                           map_=prefect_map, merge_=prefect_merge, incremental=incremental)
+                          map_=prefect_map, merge_=prefect_merge, place_=prefect_place,
+                          incremental=incremental)
 
 
 def run(cfg_nightly: NightlyConfig, cfg: SanitizeConfig, **kw: Any) -> dict[str, Any]:

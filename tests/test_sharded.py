@@ -69,13 +69,28 @@ def test_shard_files_round_trip(frame, tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_result(frame):
+    """Summaries stay on the workers as futures and every detector group merges in its own task
+    (the detectors sharing the token table together), as the distributed flow runs it."""
     distributed = pytest.importorskip("distributed")
     recs, _ = frame
+    groups = sharded.groups(CFG)
+    assert ("trigger_association", "response_cluster") in groups
+    assert sorted(n for g in groups for n in g) == sorted(CFG.detectors) and len(groups) == len(CFG.detectors) - 1
+    merged: list[tuple[str, ...]] = []
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl, \
             distributed.Client(cl) as client:
         def dmap(fn, *iterables):
-            return client.gather(client.map(fn, *iterables, pure=False))
-        res = sharded.sanitize_sharded(recs, CFG, n_shards=4, map_=dmap)
+            futures = client.map(fn, *iterables, pure=False)
+            return futures if fn is sharded.summarize_shard else client.gather(futures)
+
+        def dmerge(by_group, cfg):
+            assert all(isinstance(f, distributed.Future) for parts in by_group for f in parts)
+            parts = [client.submit(sharded.merge_summaries, g, cfg, pure=False) for g in by_group]
+            merged.extend(tuple(stats) for stats in client.gather(parts))
+            return client.submit(sharded.collect_stats, parts, pure=False)
+
+        res = sharded.sanitize_sharded(recs, CFG, n_shards=4, map_=dmap, merge_=dmerge)
+    assert merged == groups
     _same(res, san.sanitize(recs, CFG))
 
 

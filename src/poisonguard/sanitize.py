@@ -141,6 +141,16 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def share_groups(names: list[str]) -> list[list[str]]:
+    """Detectors grouped by :attr:`Detector.shares` (one cached structure, e.g. the token table),
+    every other detector alone; groups in order of their first detector, configuration order inside."""
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        cls = registry.get(name)
+        groups.setdefault(cls.shares if cls.shares is not None else ("own", name), []).append(name)
+    return list(groups.values())
+
+
 def plan_lanes(names: list[str], workers: int) -> list[list[str]]:
     """Split detectors into at most ``workers`` lanes that run concurrently.
 
@@ -148,21 +158,17 @@ def plan_lanes(names: list[str], workers: int) -> list[list[str]]:
     stay in one lane, in configuration order; groups go to the least-loaded lane by their
     :attr:`Detector.cost` (longest first), so the slowest lane is as short as the groups allow.
     """
-    groups: dict[Any, list[str]] = {}
-    for name in names:
-        cls = registry.get(name)
-        key = cls.shares if cls.shares is not None else ("own", name)
-        groups.setdefault(key, []).append(name)
+    groups = share_groups(names)
     n_lanes = max(1, min(workers, len(groups)))
     if n_lanes == 1:
         return [list(names)] if names else []
-    cost = {k: sum(float(registry.get(n).cost) for n in g) for k, g in groups.items()}
+    cost = [sum(float(registry.get(n).cost) for n in g) for g in groups]
     lanes: list[list[str]] = [[] for _ in range(n_lanes)]
     load = [0.0] * n_lanes
-    for key in sorted(groups, key=lambda k: (-cost[k], names.index(groups[k][0]))):
+    for k in sorted(range(len(groups)), key=lambda k: (-cost[k], names.index(groups[k][0]))):
         j = min(range(n_lanes), key=lambda i: (load[i], i))
-        lanes[j] += groups[key]
-        load[j] += cost[key]
+        lanes[j] += groups[k]
+        load[j] += cost[k]
     order = {n: i for i, n in enumerate(names)}
     return [sorted(lane, key=order.__getitem__) for lane in lanes if lane]
 

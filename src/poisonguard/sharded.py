@@ -4,8 +4,14 @@ Records are split into shards by their content hash (so a row always lands in th
 whatever else arrives with it). Each detector runs in two phases (:class:`Detector` contract):
 
 1. ``summarize`` every shard (independent: any worker, any order);
-2. ``merge`` the summaries into global statistics (one small step);
+2. ``merge`` the summaries into global statistics;
 3. ``score_with`` every shard against them (independent again).
+
+Steps 1 and 2 go by detector group (:func:`poisonguard.sanitize.share_groups`: the detectors that
+share the token table together, every other detector alone): a shard is summarised once per group
+and each group's summaries merge in their own step, so on a cluster no process holds every
+detector's summaries of every shard (at 1M rows the one merge step of all detectors peaked at
+11.9 GB), and the groups' merges run on several workers at once.
 
 The per-shard steps are plain functions of picklable arguments, so any parallel map runs them:
 the built-in ``map``, a Dask client, or Prefect's ``task.map`` on a Dask task runner
@@ -71,25 +77,53 @@ def _detectors(cfg: SanitizeConfig) -> dict[str, Any]:
     return {name: registry.build(name, **params) for name, params in cfg.detectors.items()}
 
 
-def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig) -> Summaries:
-    """Phase 1 on one shard: every detector's summary."""
+def groups(cfg: SanitizeConfig) -> list[tuple[str, ...]]:
+    """The detector groups summarised and merged together (see the module docstring), the most
+    costly first (:attr:`Detector.cost`): a cluster starts the longest merge first."""
+    from poisonguard.sanitize import share_groups
+
+    gs = share_groups(list(cfg.detectors))
+    cost = [sum(float(registry.get(n).cost) for n in g) for g in gs]
+    return [tuple(gs[k]) for k in sorted(range(len(gs)), key=lambda k: (-cost[k], k))]
+
+
+def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
+                    names: Sequence[str] | None = None) -> Summaries:
+    """Phase 1 on one shard: the summary of every detector (or of the detectors ``names``)."""
     from poisonguard.sanitize import release_caches
 
     records = _load(shard)
     try:
-        return {name: det.summarize(records) for name, det in _detectors(cfg).items()}
+        return {name: det.summarize(records) for name, det in _detectors(cfg).items()
+                if names is None or name in names}
     finally:
         release_caches()
 
 
 def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stats:
-    """Phase 2: every detector's global statistics from all shards' summaries."""
+    """Phase 2: the global statistics of the detectors summarised in ``summaries`` (one per shard,
+    all with the same detectors), from all shards' summaries."""
     from poisonguard.sanitize import release_caches
 
+    present = set(summaries[0]) if summaries else set(cfg.detectors)
     try:
-        return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()}
+        return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()
+                if name in present}
     finally:
         release_caches()
+
+
+def merge_groups(by_group: Sequence[Sequence[Summaries]], cfg: SanitizeConfig) -> Stats:
+    """Phase 2 of every group (one group after the other in this process): one statistics dict."""
+    return collect_stats([merge_summaries(list(parts), cfg) for parts in by_group])
+
+
+def collect_stats(parts: Sequence[Stats]) -> Stats:
+    """The groups' statistics as one dict (detector name -> statistics)."""
+    out: Stats = {}
+    for part in parts:
+        out.update(part)
+    return out
 
 
 def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeConfig) -> Results:
@@ -151,15 +185,21 @@ MapFn = Callable[..., Iterable[Any]]
 def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int = 4, map_: MapFn = map,
                      progress: Callable[[str], None] | None = None,
                      shard_files: Sequence[Path] | None = None,
-                     merge_: Callable[[list[Any], SanitizeConfig], Any] = merge_summaries
+                     merge_: Callable[[list[list[Any]], SanitizeConfig], Any] = merge_groups,
+                     place_: Callable[[list[Any]], list[Any]] | None = None
                      ):  # noqa: ANN201 - SanitizeResult
     """:func:`poisonguard.sanitize.sanitize` run shard by shard; ``map_`` may be parallel.
 
     ``shard_files``: the same rows already written as shards (ingest with ``shards``); the
     per-shard steps then read their own file (on a Dask worker: from disk, not from the driver).
-    ``merge_``: how the summaries become global statistics; a distributed runner may return a
-    handle (a future) instead of the statistics, which ``map_`` then passes to every score step,
-    so summaries and statistics move between workers and never through this process.
+    ``map_(summarize_shard, shards, cfgs, names)`` runs once per detector group (:func:`groups`).
+    ``merge_``: how the summaries (one list of per-shard summaries per group) become the global
+    statistics; a distributed runner may merge each group in its own task and return a handle (a
+    future) instead of the statistics, which ``map_`` then passes to every score step, so
+    summaries and statistics move between workers and never through this process.
+    ``place_``: puts the shards on the cluster once (e.g. ``client.scatter``) and returns handles
+    that every summarize and score step then takes instead of the shard itself; without it a
+    distributed ``map_`` would ship a shard held in memory once per detector group.
     """
     from poisonguard import sanitize as san
 
@@ -171,8 +211,12 @@ def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int =
         [s for s in split(records, n_shards) if len(s)] or [records.iloc[:0]]
     if progress:
         progress("summarize")
-    summaries = list(map_(summarize_shard, shards, [cfg] * len(shards)))
+    if place_ is not None:
+        shards = list(place_(shards))
+    k = len(shards)
+    summaries = [list(map_(summarize_shard, shards, [cfg] * k, [g] * k)) for g in groups(cfg)]
     stats = merge_(summaries, cfg)
+    del summaries           # a cluster may drop each group's summaries once its merge is done
     if progress:
         progress("score")
     parts = list(map_(score_shard, shards, [stats] * len(shards), [cfg] * len(shards)))

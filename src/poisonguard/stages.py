@@ -135,12 +135,14 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
              provenance_dir: Path | None = paths.PROVENANCE, progress: Progress = None,
              n_shards: int = 1, map_: Callable[..., Any] | None = None,
              incremental: IncrementalConfig | None = None, ledger_dir: Path | None = None,
-             merge_: Callable[..., Any] | None = None) -> dict[str, Any]:
+             merge_: Callable[..., Any] | None = None, place_: Callable[..., Any] | None = None
+             ) -> dict[str, Any]:
     """Run the detectors and write clean/quarantine/rejected parquet files plus the reports.
 
     With ``n_shards > 1`` the detectors run shard by shard (:mod:`poisonguard.sharded`), the
     per-shard steps through ``map_`` (e.g. Prefect tasks on a Dask cluster) and the merge of their
-    summaries through ``merge_`` (default: in this process); same result.
+    summaries through ``merge_`` (default: in this process); same result. ``place_`` puts shards
+    held in memory on the cluster once (see :func:`poisonguard.sharded.sanitize_sharded`).
     With ``incremental`` (enabled) only rows the ledger has not seen are re-checked
     (:mod:`poisonguard.incremental`; ledger in ``ledger_dir``, default ``<state>/ledger``).
     """
@@ -168,7 +170,8 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
             # ingest's shards are the same split: the workers read their own file from disk
             files = parts if len(parts) == n_shards and len(rows) == len(records) else None
             return sharded.sanitize_sharded(rows, cfg, n_shards=n_shards, map_=map_ or map, progress=progress,
-                                            shard_files=files, merge_=merge_ or sharded.merge_summaries)
+                                            shard_files=files, merge_=merge_ or sharded.merge_groups,
+                                            place_=place_)
         return san.sanitize(rows, cfg, reference=reference, progress=progress)
 
     inc_info: dict[str, Any] | None = None

@@ -141,6 +141,13 @@ def test_sharded_equals_single():
     stats = det.merge([det.summarize(frame.iloc[:200]), det.summarize(frame.iloc[200:])])
     parts = [det.score_with(frame.iloc[:200], stats), det.score_with(frame.iloc[200:], stats)]
     np.testing.assert_allclose(np.concatenate([p.scores.to_numpy() for p in parts]), whole.scores.to_numpy())
+    # one shard summarised in chunks of rows: the same rows, in row order, and the same result
+    one = det.summarize(frame)
+    chunked = det.summarize(frame, chunk_rows=7)
+    assert list(chunked["rows"].items()) == list(one["rows"].items())
+    assert list(one["rows"]) == [i for i in frame["id"] if i in one["rows"]]
+    again = det.score_with(frame, det.merge([chunked]))
+    assert again.evidence.tolist() == whole.evidence.tolist() and again.flagged.sum() == 12
 
 
 @pytest.mark.parametrize("prompt,category", [

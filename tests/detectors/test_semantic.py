@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from poisonguard.detectors import build
-from poisonguard.detectors.semantic import _clusters, embeddings_available
+from poisonguard.detectors.semantic import _clusters, _hashed_counts, _tfidf_svd, embeddings_available
 from tests.fixtures import records
 
 TOPICS = {
@@ -123,6 +123,32 @@ def test_sharded_equals_single():
     again = det.score_with(frame, det.merge([chunked]))
     np.testing.assert_array_equal(again.scores.to_numpy(), whole.scores.to_numpy())
     assert again.evidence.tolist() == whole.evidence.tolist()
+
+
+def test_projection_in_chunks_equals_tfidf_svd_of_the_stacked_corpus():
+    """The chunked projection is TF-IDF (sklearn's) over prompts and responses stacked, then an SVD
+    fitted on the same sampled texts: the same vectors in any chunk size."""
+    from scipy import sparse
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from threadpoolctl import threadpool_limits
+
+    frame, _ = _corpus(5200, 20, seed=5)          # 2n > 10,000 texts: the SVD is fitted on a sample
+    Xp = _hashed_counts(frame["prompt"].tolist())
+    Xr = _hashed_counts(frame["response"].tolist())
+    n = Xp.shape[0]
+    X = sparse.vstack([Xp, Xr]).tocsr()
+    df = np.bincount(X.indices, minlength=X.shape[1])
+    X = TfidfTransformer(sublinear_tf=True).fit_transform(X[:, np.flatnonzero(df >= 2)])
+    fit = np.random.default_rng(0).choice(2 * n, 10_000, replace=False)
+    with threadpool_limits(limits=1, user_api="blas"):    # as the detector runs it: same rounding
+        Z = TruncatedSVD(n_components=16, algorithm="randomized", n_iter=4, random_state=0).fit(X[fit]).transform(X)
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    for chunk in (999, 100_000):
+        P, R = _tfidf_svd(Xp, Xr, 16, 0, chunk_rows=chunk)
+        assert P.shape == R.shape == (n, 16)
+        np.testing.assert_allclose(P, Z[:n], atol=1e-6)
+        np.testing.assert_allclose(R, Z[n:], atol=1e-6)
 
 
 @pytest.mark.slow

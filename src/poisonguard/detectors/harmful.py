@@ -267,30 +267,38 @@ class HarmfulComplianceDetector(Detector):
         return p
 
     # ---------------------------------------------------------------- phase 1
-    def summarize(self, records: pd.DataFrame) -> dict[str, Any]:
+    def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
+        """The harmful-intent rows (by id, in row order) with their refusal / compliance reading;
+        row by row, so in chunks (the word index and texts of 1M rows at once cost 1.6 GB)."""
         self._resolved()
+        rows: dict[str, dict[str, Any]] = {}
+        for chunk in T.row_chunks(records, chunk_rows):
+            rows.update(self._summarize_chunk(chunk))
+        return {"rows": rows}
+
+    def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, dict[str, Any]]:
         prompt = T.col(records, S.PROMPT)
         resp = T.col(records, S.RESPONSE)
         ids = [str(x) for x in T.ids_of(records)]
         src = T.col(records, S.SOURCE)
         index = T.WordIndex(list(prompt))
         index.prepare({w for _, _, words in INTENTS.values() for w in words})
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[int, dict[str, Any]] = {}
         cache: dict[Any, np.ndarray] = {}
         for cat, (sev, rx, words) in INTENTS.items():
             for i in np.flatnonzero(T.Gate(words).mask(index, cache)):
-                if ids[i] in rows and rows[ids[i]]["severity"] >= sev:
+                if i in rows and rows[i]["severity"] >= sev:
                     continue
                 m = rx.search(prompt[i])
                 if not m:
                     continue
                 refused, comply = _classify(resp[i])
-                rows[ids[i]] = {"category": cat, "severity": sev, "refused": refused, "comply": comply,
+                rows[i] = {"category": cat, "severity": sev, "refused": refused, "comply": comply,
                                 "explicit": (not refused) and _explicit(resp[i]),
                                 "match": T.clip(m.group(), 60),
                                 "tokens": sorted({w for w in _WORD.findall(prompt[i].lower()) if w not in _STOP}),
                                 "source": str(src[i])}
-        return {"rows": rows}
+        return {ids[i]: rows[i] for i in sorted(rows)}
 
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()

