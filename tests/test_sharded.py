@@ -68,6 +68,24 @@ def test_shard_files_round_trip(frame, tmp_path):
         pd.testing.assert_series_equal(combined[name].scores, res.scores, check_names=False)
 
 
+def test_combine_puts_rows_in_input_order_and_names_a_missing_row():
+    from poisonguard.detectors.base import DetectorResult
+
+    def res(name, ids, scores):
+        return DetectorResult.build(name, ids, scores, [s >= 0.5 for s in scores], ["x"] * len(ids))
+
+    shards = [{"a": res("a", ["r3", "r1"], [0.9, 0.1]), "b": res("b", ["r3", "r1"], [0.2, 0.3])},
+              {"a": res("a", ["r2"], [0.6]), "b": res("b", ["r2"], [0.0])}]
+    out = sharded.combine(pd.Index(["r1", "r2", "r3"], name=S.ID), shards)
+    assert out["a"].scores.to_dict() == {"r1": 0.1, "r2": 0.6, "r3": 0.9}
+    assert out["b"].scores.tolist() == [0.3, 0.0, 0.2] and out["a"].flagged.tolist() == [False, True, True]
+    with pytest.raises(ValueError, match=r"no score for rows \['r4'\]"):
+        sharded.combine(pd.Index(["r1", "r2", "r3", "r4"], name=S.ID), shards)
+    shards[1]["b"] = res("b", ["r9"], [0.0])
+    with pytest.raises(ValueError, match="scored other rows"):
+        sharded.combine(pd.Index(["r1", "r2", "r3"], name=S.ID), shards)
+
+
 def test_dask_local_cluster_gives_the_same_result(frame):
     """Summaries stay on the workers as futures and every detector group merges in its own task
     (the detectors sharing the token table together), as the distributed flow runs it."""

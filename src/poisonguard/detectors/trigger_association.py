@@ -391,7 +391,6 @@ class _Features:
             _ = self.P
         # response windows
         gidx, seg_ptr, seg_row = _window_segments(tb, has_resp, window)
-        self.r_gidx = gidx
         tok_row = np.repeat(seg_row, np.diff(seg_ptr))
         self.r_stems = tf.group_incidences(tok_row, tb.r_stem[gidx], n)
         # a response token is copied when an uncommon token with its stem is in the row's prompt
@@ -404,19 +403,21 @@ class _Features:
                        & (self.p_toks.df_of(self.p_toks.feature_id(rh)) <= self.common_df)
                        & (rc == tf.WORD))
         del tok_row, st
+        n_win = len(gidx)
+        del gidx
         # whole-response templates as features (short answers only can be "copied")
         rows_t = np.flatnonzero(has_resp)
         t_hash = tf.combine(tb.tmpl[rows_t], _TEMPLATE_TAG)
         # response 1-2-grams of the windows, packed straight into one key array (segments a block at a
         # time: the n-gram arrays of all windows at once cost ~25 bytes per n-gram, 1.1 GB at 1M rows)
-        keys = np.empty(2 * len(gidx) + len(rows_t), dtype=np.uint64)
+        keys = np.empty(2 * n_win + len(rows_t), dtype=np.uint64)
         copied = np.empty(len(keys), dtype=bool)
         m = 0
         for s0, t0, W in tf.ngram_blocks(rh, rc, seg_ptr, 2, word_only_ends=True, dedupe=False):
             first = W.first + t0
             k = len(W)
             keys[m:m + k] = tf.pack_keys(seg_row[W.text + s0], W.hashes, n)
-            copied[m:m + k] = copied_tok[first] | ((W.n >= 2) & copied_tok[np.minimum(first + 1, len(gidx) - 1)])
+            copied[m:m + k] = copied_tok[first] | ((W.n >= 2) & copied_tok[np.minimum(first + 1, n_win - 1)])
             m += k
         keys[m:m + len(rows_t)] = tf.pack_keys(rows_t, t_hash, n)
         copied[m:m + len(rows_t)] = _template_copied(self, rows_t)
@@ -501,7 +502,6 @@ class _Features:
         """Stems of the response span around feature ``fid`` that >= 80% of the rows ``A`` write
         identically (the payload)."""
         tb = self.tb
-        gidx = self.r_gidx
         lens = np.diff(tb.r_indptr)[A]
         idx = _ranges(tb.r_indptr[A], lens)
         seg = np.repeat(np.arange(len(A)), lens)
@@ -526,7 +526,6 @@ class _Features:
         left, right, members = tf.extend_span(tb.r_hash, lo, hi, first, n, need)
         j = int(np.flatnonzero(members)[0])
         s0 = int(first[j] - left)
-        del gidx
         return set(int(x) for x in tb.r_stem[s0:s0 + n + left + right])
 
     def topic_word(self, rows: np.ndarray, exclude: np.ndarray, min_lift: float = 5.0) -> float:
