@@ -58,7 +58,7 @@ _TASKS = {sharded.summarize_shard: summarize_shard, sharded.score_shard: score_s
 
 def prefect_map(fn, *iterables):  # noqa: ANN001, ANN201
     """``map`` through Prefect tasks on the flow's task runner (Dask). Summaries stay futures
-    (they go straight to the merge task's worker); score results come back to the flow."""
+    (they go straight to their group's merge task's worker); score results come back to the flow."""
     futures = _TASKS[fn].map(*iterables)
     if fn is sharded.summarize_shard:
         return list(futures)
