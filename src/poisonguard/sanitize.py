@@ -151,6 +151,11 @@ def share_groups(names: list[str]) -> list[list[str]]:
     return list(groups.values())
 
 
+def group_cost(group: list[str] | tuple[str, ...]) -> float:
+    """Relative cost of running a group of detectors (sum of :attr:`Detector.cost`)."""
+    return sum(float(registry.get(n).cost) for n in group)
+
+
 def plan_lanes(names: list[str], workers: int) -> list[list[str]]:
     """Split detectors into at most ``workers`` lanes that run concurrently.
 
@@ -162,7 +167,7 @@ def plan_lanes(names: list[str], workers: int) -> list[list[str]]:
     n_lanes = max(1, min(workers, len(groups)))
     if n_lanes == 1:
         return [list(names)] if names else []
-    cost = [sum(float(registry.get(n).cost) for n in g) for g in groups]
+    cost = [group_cost(g) for g in groups]
     lanes: list[list[str]] = [[] for _ in range(n_lanes)]
     load = [0.0] * n_lanes
     for k in sorted(range(len(groups)), key=lambda k: (-cost[k], names.index(groups[k][0]))):

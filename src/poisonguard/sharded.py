@@ -80,11 +80,10 @@ def _detectors(cfg: SanitizeConfig) -> dict[str, Any]:
 def groups(cfg: SanitizeConfig) -> list[tuple[str, ...]]:
     """The detector groups summarised and merged together (see the module docstring), the most
     costly first (:attr:`Detector.cost`): a cluster starts the longest merge first."""
-    from poisonguard.sanitize import share_groups
+    from poisonguard.sanitize import group_cost, share_groups
 
     gs = share_groups(list(cfg.detectors))
-    cost = [sum(float(registry.get(n).cost) for n in g) for g in gs]
-    return [tuple(gs[k]) for k in sorted(range(len(gs)), key=lambda k: (-cost[k], k))]
+    return [tuple(gs[k]) for k in sorted(range(len(gs)), key=lambda k: (-group_cost(gs[k]), k))]
 
 
 def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
