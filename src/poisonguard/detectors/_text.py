@@ -39,9 +39,16 @@ def by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], list[Any]], ch
     return [x for chunk in row_chunks(records, chunk_rows) for x in fn(chunk)]
 
 
+def summary_by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], dict[str, Any]],
+                      chunk_rows: int) -> dict[str, Any]:
+    """A per-row summary ``fn`` over :func:`row_chunks`, as one (:func:`concat_parts`); ``fn`` of
+    the empty frame for no rows."""
+    return concat_parts([fn(chunk) for chunk in row_chunks(records, chunk_rows)] or [fn(records)])
+
+
 def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-row summaries of consecutive chunks as one (rows in order): arrays and sparse matrices
-    stacked by row, lists joined; a value that is None in any part is None."""
+    stacked by row, lists and dicts joined; a value that is None in any part is None."""
     if len(parts) == 1:
         return parts[0]
     from scipy import sparse
@@ -55,6 +62,8 @@ def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             out[k] = sparse.vstack(vals).tocsr()
         elif isinstance(v, np.ndarray):
             out[k] = np.concatenate(vals)
+        elif isinstance(v, dict):
+            out[k] = {key: x for q in vals for key, x in q.items()}
         else:
             out[k] = [x for q in vals for x in q]
     return out

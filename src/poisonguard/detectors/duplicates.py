@@ -140,8 +140,7 @@ class DuplicatesDetector(Detector):
     # ---------------------------------------------------------------- phase 1: per shard
     def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
         # row by row, so in chunks (the token and shingle arrays of 1M texts at once cost GBs)
-        return T.concat_parts([self._summarize_chunk(c) for c in T.row_chunks(records, chunk_rows)]
-                              or [self._summarize_chunk(records)])
+        return T.summary_by_chunks(records, self._summarize_chunk, chunk_rows)
 
     def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, Any]:
         p = self._resolved()

@@ -271,12 +271,9 @@ class HarmfulComplianceDetector(Detector):
         """The harmful-intent rows (by id, in row order) with their refusal / compliance reading;
         row by row, so in chunks (the word index and texts of 1M rows at once cost 1.6 GB)."""
         self._resolved()
-        rows: dict[str, dict[str, Any]] = {}
-        for chunk in T.row_chunks(records, chunk_rows):
-            rows.update(self._summarize_chunk(chunk))
-        return {"rows": rows}
+        return T.summary_by_chunks(records, self._summarize_chunk, chunk_rows)
 
-    def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, Any]:
         prompt = T.col(records, S.PROMPT)
         resp = T.col(records, S.RESPONSE)
         ids = [str(x) for x in T.ids_of(records)]
@@ -298,7 +295,7 @@ class HarmfulComplianceDetector(Detector):
                                 "match": T.clip(m.group(), 60),
                                 "tokens": sorted({w for w in _WORD.findall(prompt[i].lower()) if w not in _STOP}),
                                 "source": str(src[i])}
-        return {ids[i]: rows[i] for i in sorted(rows)}
+        return {"rows": {ids[i]: rows[i] for i in sorted(rows)}}
 
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()

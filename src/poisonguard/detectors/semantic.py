@@ -156,8 +156,7 @@ class SemanticDetector(Detector):
         p = self._resolved()
         keep_text = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                     and len(records) <= p["embed_max_rows"])
-        return T.concat_parts([_summary(c, keep_text, p["spectral"]) for c in T.row_chunks(records, chunk_rows)]
-                              or [_summary(records, keep_text, p["spectral"])])
+        return T.summary_by_chunks(records, lambda c: _summary(c, keep_text, p["spectral"]), chunk_rows)
 
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
