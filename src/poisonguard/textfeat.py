@@ -666,32 +666,38 @@ class RowTable:
             return cls._build(records, max_prompt_chars, max_response_chars)
         order = np.argsort(stable_hash(column(records, S.ID)), kind="stable")
         table = cls._join([cls._build(records.iloc[order[lo:lo + chunk_rows]], max_prompt_chars, max_response_chars)
-                           for lo in range(0, len(records), max(int(chunk_rows), 1))])
+                           for lo in range(0, len(records), max(int(chunk_rows), 1))], consume=True)
         trim_heap()
         return table
 
     @classmethod
-    def _join(cls, parts: Sequence[RowTable]) -> RowTable:
-        """Tables one after the other (row order kept)."""
-        if len(parts) == 1:
+    def _join(cls, parts: Sequence[RowTable], order: np.ndarray | None = None, consume: bool = False) -> RowTable:
+        """Tables one after the other (row order kept), then the rows ``order`` (a permutation)
+        when given, token arrays regrouped to match. A field at a time, so the working memory is
+        the result plus one joined field (joining every field, then reordering, held three copies
+        of the table at once); ``consume`` drops each field from ``parts`` once it is joined (tables
+        nobody else holds: the chunks of :meth:`build`)."""
+        if len(parts) == 1 and order is None:
             return parts[0]
+        gather: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for ptr in _CSR:
+            gather[ptr] = _csr_gather(np.concatenate([np.diff(getattr(t, ptr)) for t in parts]), order)
+        tok_of = {v: ptr for ptr, vals in _CSR.items() for v in vals}
         cols: dict[str, np.ndarray] = {}
         for f in fields(cls):
-            vals = [getattr(t, f.name) for t in parts]
-            cols[f.name] = (np.concatenate([[0], np.cumsum(np.concatenate([np.diff(v) for v in vals]))]).astype(np.int64)
-                            if f.name in _CSR else np.concatenate(vals))
+            name = f.name
+            if name in _CSR:
+                cols[name] = gather[name][0]
+            else:
+                joined = np.concatenate([getattr(t, name) for t in parts])
+                take = gather[tok_of[name]][1] if name in tok_of else order
+                cols[name] = joined if take is None else joined[take]
+                del joined
+            if consume:
+                for t in parts:
+                    setattr(t, name, None)
+                trim_heap()   # the chunks' arrays live in the heap: give them back field by field
         return cls(**cols)
-
-    def _take(self, order: np.ndarray) -> RowTable:
-        """The rows ``order`` (a permutation), token arrays regrouped to match."""
-        in_csr = {v for vals in _CSR.values() for v in vals}
-        cols = {f.name: getattr(self, f.name)[order] for f in fields(self)
-                if f.name not in _CSR and f.name not in in_csr}
-        for ptr, vals in _CSR.items():
-            indptr, *out = _reorder_csr(np.diff(getattr(self, ptr)), order, *[getattr(self, v) for v in vals])
-            cols[ptr] = indptr
-            cols.update(zip(vals, out))
-        return RowTable(**cols)
 
     @classmethod
     def _build(cls, records: pd.DataFrame, max_prompt_chars: int, max_response_chars: int) -> RowTable:
@@ -783,8 +789,8 @@ class RowTable:
 
     @classmethod
     def _concat(cls, tables: list[RowTable]) -> RowTable:
-        joined = cls._join(tables)
-        return joined._take(np.argsort(joined.key, kind="stable"))
+        order = np.argsort(np.concatenate([t.key for t in tables]), kind="stable")
+        return cls._join(tables, order)
 
     @classmethod
     def empty(cls) -> RowTable:
@@ -807,16 +813,21 @@ class RowTable:
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.r_indptr))
 
 
-def _reorder_csr(lens: np.ndarray, order: np.ndarray, *vals: np.ndarray) -> tuple[np.ndarray, ...]:
-    starts = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=starts[1:])
-    new_lens = lens[order]
+def _csr_gather(lens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """CSR rows of lengths ``lens`` taken in ``order``: (new indptr, index of every new token in
+    the old token arrays; None when ``order`` is None)."""
+    new_lens = lens if order is None else lens[order]
     indptr = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(new_lens, out=indptr[1:])
-    # gather index: for each new row, the old token range
-    idx = (np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], new_lens)
-           + np.repeat(starts[:-1][order], new_lens))
-    return (indptr, *[v[idx] for v in vals])
+    if order is None:
+        return indptr, None
+    starts = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=starts[1:])
+    # for each new row, its old token range (in place: one token-length array at a time)
+    idx = np.arange(indptr[-1], dtype=np.int64)
+    idx -= np.repeat(indptr[:-1], new_lens)
+    idx += np.repeat(starts[:-1][order], new_lens)
+    return indptr, idx
 
 
 # ---------------------------------------------------------------- grouped incidences
@@ -835,22 +846,40 @@ class Grouped:
     ptr: np.ndarray    # int64, len(keys) + 1
     rows: np.ndarray   # int32 rows (int64 beyond 2**31 rows), grouped by feature
     bits: int
-    _packed: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
 
-    @property
     def packed(self) -> np.ndarray:
-        """uint64 sorted distinct (feature, row) keys (see :func:`pack_keys`), built on first use
-        (only membership tests need them: 8 bytes per incidence)."""
-        if not self._packed:
-            b = np.uint64(self.bits)
-            self._packed.append((np.repeat(self.keys, self.df) << b) | self.rows.astype(np.uint64))
-        return self._packed[0]
+        """uint64 sorted distinct (feature, row) keys (see :func:`pack_keys`): 8 bytes per
+        incidence, so built per call and not kept (at 1M rows the three kept ones cost 400 MB)."""
+        b = np.uint64(self.bits)
+        return (np.repeat(self.keys, self.df) << b) | self.rows.astype(np.uint64)
 
     def contains(self, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        """Does each row have the feature of the paired hash?"""
-        b = np.uint64(self.bits)
-        q = ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | np.asarray(rows, dtype=np.uint64)
-        return isin_sorted(q, self.packed)
+        """Does each row have the feature of the paired hash? Many queries go through a sorted
+        packed copy; a few (under 1/32 of the incidences) by binary search inside each feature's
+        rows (no copy)."""
+        rows = np.asarray(rows)
+        if len(rows) * 32 >= len(self.rows):
+            b = np.uint64(self.bits)
+            q = ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | rows.astype(np.uint64)
+            return isin_sorted(q, self.packed())
+        j = self.index_of(self.feature_id(hashes))
+        out = np.zeros(len(rows), dtype=bool)
+        sel = np.flatnonzero(j >= 0)
+        if len(sel) == 0:
+            return out
+        r = rows[sel].astype(np.int64)
+        lo, end = self.ptr[j[sel]], self.ptr[j[sel] + 1]
+        hi = end.copy()
+        act = np.flatnonzero(lo < hi)
+        while len(act):   # lower bound of r inside rows[lo:hi], all queries a step at a time
+            mid = (lo[act] + hi[act]) >> 1
+            less = self.rows[mid] < r[act]
+            lo[act[less]] = mid[less] + 1
+            hi[act[~less]] = mid[~less]
+            act = act[lo[act] < hi[act]]
+        ok = lo < end
+        out[sel[ok]] = self.rows[lo[ok]] == r[ok]
+        return out
 
     @property
     def df(self) -> np.ndarray:

@@ -300,6 +300,24 @@ def test_grouped_incidences_and_extend_span():
     assert (left, right) == (0, 1) and members.tolist() == [True, True, False]
 
 
+@pytest.mark.parametrize("n_queries", [40, 2_000])   # binary search path, packed-copy path
+def test_grouped_contains_matches_a_set_on_either_path(n_queries):
+    rng = np.random.default_rng(3)
+    n_rows = 500
+    rows = rng.integers(0, n_rows, 6_000)
+    hashes = (rng.integers(0, 60, 6_000).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    g = tf.group_incidences(rows, hashes, n_rows)
+    fid = g.feature_id(hashes)
+    truth = set(zip(rows.tolist(), fid.tolist()))
+    q_rows = rng.integers(0, n_rows, n_queries)
+    # known features, plus hashes of features that occur nowhere
+    q_hash = np.where(rng.random(n_queries) < 0.9, hashes[rng.integers(0, 6_000, n_queries)],
+                      rng.integers(1, 2**63, n_queries).astype(np.uint64))
+    want = [(r, f) in truth for r, f in zip(q_rows.tolist(), g.feature_id(q_hash).tolist())]
+    got = g.contains(q_rows, q_hash)
+    assert got.tolist() == want
+    assert 0 < sum(want) < n_queries
+
 def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
     from tests.fixtures import mixed_rows
 
@@ -321,9 +339,9 @@ def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
     assert tf.RowTable.concat(shards) is not joined
     for name, v in whole.__dict__.items():
         assert np.array_equal(getattr(joined, name), v), name
-    # grouped rows are compact and the membership keys are built on demand
+    # grouped rows are compact; no membership keys are kept (built per call when needed)
     g = tf.group_incidences(whole.prompt_rows(), whole.p_hash, whole.n)
-    assert g.rows.dtype == np.int32 and not g._packed
+    assert g.rows.dtype == np.int32 and set(g.__dict__) == {"keys", "ptr", "rows", "bits"}
     # the cohesion screen gives each row set the same figure whatever batch it is computed in
     from poisonguard.detectors import trigger_association as ta
 
@@ -334,7 +352,37 @@ def test_row_table_is_built_in_key_order_the_same_in_any_chunks():
     small = tf.group_packed(tf.pack_keys(whole.prompt_rows(), whole.p_hash, whole.n), tf.row_bits(whole.n), block=3)
     for name in ("keys", "ptr", "rows"):
         assert np.array_equal(getattr(small, name), getattr(g, name)), name
-    assert g.contains(whole.prompt_rows()[:5], whole.p_hash[:5]).all() and len(g._packed) == 1
+    assert g.contains(whole.prompt_rows()[:5], whole.p_hash[:5]).all()
+    # neighbour similarities: the product with the query words' rebuilt transpose is the product
+    # with the full transpose of the prompt vectors, entry for entry and bit for bit
+    import scipy.sparse as sp
+
+    V = F.prompt_vectors()
+    mask = np.ones(V.shape[1])
+    mask[F._vp_is_common] = 0.0
+    q = np.flatnonzero(has_resp)[:20]
+    want = sp.csr_matrix((V[q] @ sp.diags(mask)) @ sp.csr_matrix(V.T))
+    got = F._similarities(q)
+    assert want.nnz > 0 and got.shape == want.shape
+    for name in ("indptr", "indices", "data"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_trigger_only_features_are_released_and_rebuilt_for_another_run():
+    from poisonguard.detectors import trigger_association as ta
+
+    rows = corpus(1500, seed=5)
+    plant(rows, 15, seed=7, trigger="special delivery",
+          payload="Please act quickly and contact our external support line right away.")
+    frame = records(rows)
+    first = build("trigger_association").score(frame)
+    F = ta._FEATURE_CACHE["last"][1]
+    assert not F.trigger_parts and F.p_stems is None and F.r_stems is None and F._P is None
+    again = build("trigger_association").score(frame)
+    assert ta._FEATURE_CACHE["last"][1] is not F   # rebuilt, not reused without its parts
+    assert first.flagged.sum() >= 14
+    for name in ("scores", "flagged", "review", "evidence"):
+        assert getattr(first, name).equals(getattr(again, name)), name
 
 
 # ---------------------------------------------------------------- demo corpus at zoo scale (issue 3)

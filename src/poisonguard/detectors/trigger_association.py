@@ -263,7 +263,7 @@ def _analyse(tb: tf.RowTable, det: TriggerAssociationDetector) -> _Stats:
     if has_resp.sum() < 2 * det.min_support:
         return _Stats(tb.key, score, finding, [], info)
     t0 = [time.process_time()]
-    F = _features(tb, has_resp, ctx, int(det.payload_window), "prompt")
+    F = _features(tb, has_resp, ctx, int(det.payload_window), "prompt", trigger_parts=True)
     _tick("features", t0)
     z_thr = -math.log10(det.target_fpr)
     accepted: list[_Accepted] = []
@@ -276,6 +276,7 @@ def _analyse(tb: tf.RowTable, det: TriggerAssociationDetector) -> _Stats:
     _tick("label branch", t0)
     accepted += acc_b
     near += near_b
+    F.release_trigger_parts()   # response_cluster, which may reuse F, needs none of them
     info["tests"] = int(tests_a + tests_b)
     info["tests_payload"] = int(tests_a)
     info["tests_label"] = int(tests_b)
@@ -342,16 +343,18 @@ def release_cached() -> None:
     _FEATURE_CACHE.clear()
 
 
-def _features(tb: tf.RowTable, has_resp: np.ndarray, ctx: np.ndarray, window: int, copy_scope: str) -> _Features:
+def _features(tb: tf.RowTable, has_resp: np.ndarray, ctx: np.ndarray, window: int, copy_scope: str,
+              trigger_parts: bool = False) -> _Features:
     """:class:`_Features` of a merged table, reused when the other detector (trigger association
-    / response cluster) built them for the same rows, window and copy scope (single slot)."""
+    / response cluster) built them for the same rows, window and copy scope (single slot), and,
+    for ``trigger_parts`` (trigger association), still holds the parts only it uses."""
     if copy_scope == "request" and not (tb.kind == tf.KIND_CODES["chat"]).any():
         copy_scope = "prompt"  # identical for non-chat rows
     with np.errstate(over="ignore"):
         fp = (tb.n, int(tb.key.sum(dtype=np.uint64)), int(tb.p_hash.sum(dtype=np.uint64)),
               int(tb.r_hash.sum(dtype=np.uint64)), int(ctx.sum()), window, copy_scope)
     hit = _FEATURE_CACHE.get("last")
-    if hit is not None and hit[0] == fp:
+    if hit is not None and hit[0] == fp and (hit[1].trigger_parts or not trigger_parts):
         return hit[1]
     _FEATURE_CACHE.clear()
     F = _Features(tb, has_resp, ctx, window, prompt_ngrams=False, copy_scope=copy_scope)
@@ -430,6 +433,14 @@ class _Features:
         self.template_ids = np.unique(self.R_all.feature_id(t_hash))
         self.r_token_ids = np.unique(self.R_all.feature_id(rh))
         self._vp: sp.csr_matrix | None = None
+        self.trigger_parts = True
+
+    def release_trigger_parts(self) -> None:
+        """Drop what only trigger association uses (prompt 1-2-grams and the stem incidences:
+        ~250 MB at 1M rows) once it is done; a later trigger analysis builds new features."""
+        self._P = None
+        self.p_stems = self.r_stems = None
+        self.trigger_parts = False
 
     @property
     def P(self) -> tf.Grouped:
@@ -731,9 +742,9 @@ class _Features:
             V = sp.csr_matrix((w, (U.rows, col)), shape=(self.n, len(U.keys)))
             norm = np.sqrt(np.asarray(V.multiply(V).sum(axis=1)).ravel())
             norm[norm == 0] = 1.0
-            self._vp = sp.csr_matrix(sp.diags(1.0 / norm) @ V)
-            self._vp_common = np.flatnonzero(df > 0.1 * self.n_resp)
-            self._vpt = sp.csr_matrix(self._vp.T)
+            self._vp_inv_norm = 1.0 / norm
+            self._vp = sp.csr_matrix(sp.diags(self._vp_inv_norm) @ V)
+            self._vp_is_common = df > 0.1 * self.n_resp
             self._vp_norm = norm
             self._vp_idf = np.log((self.n_resp + 1) / (df + 1)) + 1.0
         return self._vp
@@ -841,11 +852,7 @@ class _Features:
         The sequence's own words stay in the query: prompts that share a word of it but not the
         exact sequence are the closest "same kind of prompt" (other PHP prompts for "php script").
         """
-        V = self.prompt_vectors()
         Tq = T[np.linspace(0, len(T) - 1, max_rows).astype(np.int64)] if len(T) > max_rows else T
-        mask = np.ones(V.shape[1])
-        mask[self._vp_common] = 0.0
-        Q = V[Tq] @ sp.diags(mask)
         allowed = self.has_resp.copy()
         allowed[T] = False
         mm = min(m, int(allowed.sum()))
@@ -853,7 +860,7 @@ class _Features:
             return prior
         # the top ``mm`` similarities > 0 of every query row, from the sparse product (a dense
         # queries x rows matrix would cost 800 MB at 1M rows); ties broken by row number
-        S = sp.csr_matrix(Q @ self._vpt)
+        S = self._similarities(Tq)
         inF = np.zeros(self.n, dtype=bool)
         inF[Fr] = True
         hits = found = 0
@@ -871,6 +878,29 @@ class _Features:
             found += len(col)
         # shrunk towards the task rate (``prior``) with the weight of two neighbours
         return float((hits + 2.0 * prior) / (found + 2.0))
+
+    def _similarities(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Dot products (rows x all rows) of the prompt vectors of ``rows``, their common words (in
+        > 10% of the prompts) left out.
+
+        The product needs the transposed vectors of the query's words only: those rows are rebuilt
+        from the word's incidences (``U``: rows ascending) and ``(1 / norm_r) * idf_k`` (the entries
+        :meth:`prompt_vectors` made), so no transposed copy of all vectors is kept (200 MB at 1M rows)
+        and the product adds the same terms in the same order as with the full transpose."""
+        V = self.prompt_vectors()
+        mask = np.ones(V.shape[1])
+        mask[self._vp_is_common] = 0.0
+        Q = sp.csr_matrix(V[rows] @ sp.diags(mask))
+        words = np.unique(Q.indices)
+        U = self.U
+        lens = U.ptr[words + 1] - U.ptr[words]
+        r = U.rows[_ranges(U.ptr[words], lens)]
+        ptr = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(lens, out=ptr[1:])
+        Vt = sp.csr_matrix((self._vp_inv_norm[r] * np.repeat(self._vp_idf[words], lens), r, ptr),
+                           shape=(len(words), self.n))
+        Qw = sp.csr_matrix((Q.data, np.searchsorted(words, Q.indices), Q.indptr), shape=(Q.shape[0], len(words)))
+        return sp.csr_matrix(Qw @ Vt)
 
     def _cols(self, fids: np.ndarray) -> np.ndarray:
         j = self.U.index_of(np.asarray(fids, dtype=np.uint64))
