@@ -36,6 +36,8 @@ class IngestConfig(_Frozen):
     max_field_chars: int = 200_000
     #: > 1: write records.parquet as a folder of this many shards keyed by content hash
     shards: int = Field(1, ge=1)
+    #: input rows read, checked and written per step (ingest streams: memory is bounded by this)
+    batch_rows: int = Field(50_000, ge=1)
 
     @field_validator("layout")
     @classmethod

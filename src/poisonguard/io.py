@@ -13,15 +13,16 @@ row number.
 from __future__ import annotations
 
 import csv
-import io as _io
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,8 +132,11 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any, str]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str]]:
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
-    reader = csv.DictReader(_io.StringIO(text, newline=""))
+    with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
+        yield from _csv_rows(csv.DictReader(fh))
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[tuple[int, Any, str]]:
     if reader.fieldnames is None:
         return
     start = reader.line_num + 1
@@ -159,13 +163,18 @@ def _has_surrogates(v: str) -> bool:
     return False
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str]]:
+def _iter_parquet(path: Path, batch_rows: int = 10_000) -> Iterator[tuple[int, Any, str]]:
+    """Row groups a batch at a time (a whole file as Python dicts costs ~2 KB per row)."""
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=batch_rows)
+        i = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                i += 1
+                yield i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:RAW_PREVIEW]
     except (pa.ArrowException, OSError) as e:
         raise InputFileError(f"{path}: cannot read Parquet: {e}") from e
-    for i, obj in enumerate(table.to_pylist(), 1):
-        yield i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:RAW_PREVIEW]
 
 
 _ITERS = {"jsonl": _iter_jsonl, "json": _iter_json, "csv": _iter_csv, "parquet": _iter_parquet}
@@ -279,9 +288,10 @@ def _meta(obj: Mapping[str, Any], name: str) -> str | None:
     return str(v)
 
 
-def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = None,
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Read one file: (records, rejections, rows_in)."""
+def iter_rows(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = None,
+              ) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """Read one file row by row: ``(record, None)`` or ``(None, rejection)`` per input row, in
+    file order (JSON arrays are parsed whole; the other formats stream)."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: no such file")
@@ -292,22 +302,18 @@ def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = N
         raise InputFileError(f"{path}: unknown format {fmt!r}; expected one of {FORMATS}")
     default_source = opts.source or path.stem
     ingested_at = opts.ingested_at or _now()
-    records: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    rows_in = 0
     fname = str(path)
     try:
         for line, obj, raw in _ITERS[fmt](path):
-            rows_in += 1
             source = (_meta(obj, S.SOURCE) if isinstance(obj, Mapping) else None) or default_source
             try:
                 if isinstance(obj, RowError):
                     raise obj
                 rec = normalise(obj, opts.layout, opts.max_field_chars)
             except RowError as e:
-                rejected.append({S.FILE: fname, S.LINE: line, S.FIELD: e.field,
-                                 S.REASON: f"{e.reason}: {e.message}", S.SOURCE: source,
-                                 S.RAW: raw[:RAW_PREVIEW]})
+                yield None, {S.FILE: fname, S.LINE: line, S.FIELD: e.field,
+                             S.REASON: f"{e.reason}: {e.message}", S.SOURCE: source,
+                             S.RAW: raw[:RAW_PREVIEW]}
                 continue
             digest = provenance.content_hash(rec[S.KIND], rec)
             given = _meta(obj, S.ID)
@@ -321,50 +327,168 @@ def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = N
                 S.COLLECTED_AT: _meta(obj, S.COLLECTED_AT) or opts.collected_at or "",
                 S.INGESTED_AT: ingested_at,
             })
-            records.append(rec)
+            yield rec, None
     except OSError as e:
         raise InputFileError(f"{path}: cannot read: {e}") from e
-    return records, rejected, rows_in
 
 
-def read_inputs(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: str | None = None,
-                sources: Mapping[str, str] | None = None,
-                progress: Callable[[str], None] | None = None) -> IngestResult:
-    """Read several files; ``sources`` maps a file name (or stem) to its default source;
-    ``progress(file name)`` is called after each file.
+def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = None,
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Read one file: (records, rejections, rows_in)."""
+    records: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    for rec, rej in iter_rows(path, opts, fmt):
+        (records.append(rec) if rec is not None else rejected.append(rej))
+    return records, rejected, len(records) + len(rejected)
 
-    Rows whose id repeats an earlier row's id are rejected (``duplicate_id``) unless they are
-    byte-identical in content, in which case the repeat is also rejected, naming the first.
+
+class _SeenIds:
+    """Ids kept so far with the file and line of their row, for the duplicate-id check: a 128-bit
+    digest of each id in sorted runs (24 bytes per id; a dict of 5M id strings costs over 1 GB).
+    Runs of similar size merge, so a lookup searches O(log n) runs."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (h1 sorted, h2, where)
+        self.files: list[str] = []
+
+    @staticmethod
+    def digests(ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.frombuffer(b"".join(hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                                     for i in ids), dtype=np.uint64)
+        return raw[0::2].copy(), raw[1::2].copy()
+
+    def find(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+        """For each digest, where its id was first kept (``file_index << 40 | line``), or -1."""
+        out = np.full(len(h1), -1, dtype=np.int64)
+        for r1, r2, where in self.runs:   # an id is in one run at most
+            pos = np.searchsorted(r1, h1)
+            cand = np.flatnonzero(pos < len(r1))
+            cand = cand[r1[pos[cand]] == h1[cand]]
+            same = r2[pos[cand]] == h2[cand]
+            out[cand[same]] = where[pos[cand[same]]]
+            for q in cand[~same]:   # another id with the same first half (odds ~2**-64): look further
+                k = int(pos[q]) + 1
+                while k < len(r1) and r1[k] == h1[q]:
+                    if r2[k] == h2[q]:
+                        out[q] = where[k]
+                        break
+                    k += 1
+        return out
+
+    def add(self, h1: np.ndarray, h2: np.ndarray, where: np.ndarray) -> None:
+        o = np.argsort(h1, kind="stable")
+        self.runs.append((h1[o], h2[o], where[o]))
+        while len(self.runs) > 1 and 2 * len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+            b, a = self.runs.pop(), self.runs.pop()
+            cat = [np.concatenate([x, y]) for x, y in zip(a, b)]
+            o = np.argsort(cat[0], kind="stable")
+            self.runs.append((cat[0][o], cat[1][o], cat[2][o]))
+
+    def file_index(self, name: str) -> int:
+        if not self.files or self.files[-1] != name:
+            self.files.append(name)
+        return len(self.files) - 1
+
+    def describe(self, where: int) -> tuple[str, int]:
+        return self.files[where >> 40], where & ((1 << 40) - 1)
+
+
+@dataclass
+class IngestCounts:
+    """What :func:`read_batches` has read so far."""
+
+    rows_in: int = 0
+    records: int = 0
+    rejected: int = 0
+    per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def read_batches(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: str | None = None,
+                 sources: Mapping[str, str] | None = None, progress: Callable[[str], None] | None = None,
+                 batch_rows: int = 50_000, counts: IngestCounts | None = None,
+                 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Read several files ``batch_rows`` input rows at a time: (records, rejections) frames, in
+    input order. Memory is bounded by the batch (plus 24 bytes per record for the id check), so a
+    delivery of any size streams through. ``sources`` maps a file name (or stem) to its default
+    source; ``progress(file name)`` is called after each file; ``counts`` is filled as it goes.
+
+    Rows whose id repeats an earlier row's id are rejected (``duplicate_id``), naming the file and
+    line of the first.
     """
-    all_recs: list[dict[str, Any]] = []
-    all_rej: list[dict[str, Any]] = []
-    per_file: dict[str, dict[str, int]] = {}
-    rows_in = 0
-    seen: dict[str, tuple[str, int]] = {}
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    counts = counts if counts is not None else IngestCounts()
+    seen = _SeenIds()
+    buf: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
+
+    def flush() -> tuple[pd.DataFrame, pd.DataFrame]:
+        recs = [r for r, _ in buf if r is not None]
+        h1, h2 = seen.digests([r[S.ID] for r in recs])
+        first = seen.find(h1, h2)
+        in_batch: dict[str, int] = {}
+        kept: list[dict[str, Any]] = []
+        keep_at: list[int] = []
+        rejected: list[dict[str, Any]] = []
+        k = -1
+        for rec, rej in buf:
+            if rec is None:
+                rejected.append(rej)
+                counts.per_file[rej[S.FILE]]["rejected"] += 1
+                continue
+            k += 1
+            rid = rec[S.ID]
+            if first[k] >= 0 or rid in in_batch:
+                f, line = seen.describe(int(first[k])) if first[k] >= 0 else \
+                    (kept[in_batch[rid]][S.FILE], kept[in_batch[rid]][S.LINE])
+                rejected.append({S.FILE: rec[S.FILE], S.LINE: rec[S.LINE], S.FIELD: S.ID,
+                                 S.REASON: f"{DUPLICATE_ID}: id {rid!r} already used at {f}:{line}",
+                                 S.SOURCE: rec[S.SOURCE], S.RAW: rec[S.PROMPT][:RAW_PREVIEW]})
+                counts.per_file[rec[S.FILE]]["rejected"] += 1
+                continue
+            in_batch[rid] = len(kept)
+            kept.append(rec)
+            keep_at.append(k)
+            counts.per_file[rec[S.FILE]]["records"] += 1
+        if kept:
+            where = np.array([(seen.file_index(r[S.FILE]) << 40) | int(r[S.LINE]) for r in kept], dtype=np.int64)
+            seen.add(h1[keep_at], h2[keep_at], where)
+        counts.records += len(kept)
+        counts.rejected += len(rejected)
+        buf.clear()
+        return records_frame(kept), rejected_frame(rejected)
+
     for p in paths:
         p = Path(p)
         src = None
         if sources:
             src = sources.get(p.name) or sources.get(p.stem)
         o = opts if src is None else ReadOptions(**{**opts.__dict__, "source": src})
-        recs, rej, n = read_file(p, o, fmt)
-        kept = []
-        for r in recs:
-            first = seen.get(r[S.ID])
-            if first is not None:
-                rej.append({S.FILE: r[S.FILE], S.LINE: r[S.LINE], S.FIELD: S.ID,
-                            S.REASON: f"{DUPLICATE_ID}: id {r[S.ID]!r} already used at {first[0]}:{first[1]}",
-                            S.SOURCE: r[S.SOURCE], S.RAW: r[S.PROMPT][:RAW_PREVIEW]})
-                continue
-            seen[r[S.ID]] = (r[S.FILE], r[S.LINE])
-            kept.append(r)
-        per_file[str(p)] = {"rows_in": n, "records": len(kept), "rejected": len(rej)}
-        rows_in += n
-        all_recs.extend(kept)
-        all_rej.extend(rej)
+        stats = counts.per_file.setdefault(str(p), {"rows_in": 0, "records": 0, "rejected": 0})
+        for row in iter_rows(p, o, fmt):
+            buf.append(row)
+            stats["rows_in"] += 1
+            counts.rows_in += 1
+            if len(buf) >= batch_rows:
+                yield flush()
         if progress is not None:
             progress(p.name)
-    return IngestResult(records_frame(all_recs), rejected_frame(all_rej), rows_in, per_file)
+    if buf:
+        yield flush()
+
+
+def read_inputs(paths: Iterable[Path], opts: ReadOptions = ReadOptions(), fmt: str | None = None,
+                sources: Mapping[str, str] | None = None,
+                progress: Callable[[str], None] | None = None) -> IngestResult:
+    """Read several files into memory (see :func:`read_batches`, which the ingest stage streams)."""
+    counts = IngestCounts()
+    recs: list[pd.DataFrame] = []
+    rejs: list[pd.DataFrame] = []
+    for r, j in read_batches(paths, opts, fmt, sources, progress, batch_rows=1 << 62, counts=counts):
+        recs.append(r)
+        rejs.append(j)
+    records = pd.concat(recs, ignore_index=True) if len(recs) > 1 else (recs[0] if recs else empty_records())
+    rejected = pd.concat(rejs, ignore_index=True) if len(rejs) > 1 else (rejs[0] if rejs else rejected_frame([]))
+    return IngestResult(records, rejected, counts.rows_in, counts.per_file)
 
 
 # ---------------------------------------------------------------- frames and parquet
@@ -460,6 +584,7 @@ def to_native(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["InputFileError", "ReadOptions", "IngestResult", "read_file", "read_inputs", "normalise",
+__all__ = ["InputFileError", "ReadOptions", "IngestResult", "IngestCounts", "read_file", "read_inputs",
+           "read_batches", "iter_rows", "normalise",
            "detect_format", "detect_layout", "read_records", "shard_files", "write_records", "read_parquet",
            "write_parquet", "to_native", "REASONS", "empty_records"]

@@ -69,6 +69,94 @@ def write_shards(records: pd.DataFrame, out_dir: Path, n_shards: int) -> list[Pa
     return paths
 
 
+class FrameSink:
+    """Write a stream of frames to ``target``: one Parquet file (``n_shards == 1``) or a folder of
+    ``part-00000.parquet`` ... shards keyed by content hash (:func:`shard_index`; a shard nobody
+    landed in is not written), each batch a row group, input order kept inside a file.
+
+    Nothing is visible at ``target`` until :meth:`close`: the files are written under
+    ``<target>.partial`` and moved into place at the end (an ingest that fails half-way leaves the
+    previous output as it was). Used as a context manager, an error discards the partial output.
+    """
+
+    def __init__(self, target: Path, n_shards: int = 1, empty: pd.DataFrame | None = None) -> None:
+        if n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+        self.target = Path(target)
+        self.n_shards = n_shards
+        self.empty = empty
+        self.partial = self.target.with_name(self.target.name + ".partial")
+        _remove(self.partial)
+        if n_shards > 1:
+            self.partial.mkdir(parents=True)
+        else:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._writers: dict[int, Any] = {}
+        self.rows = 0
+
+    def _writer(self, k: int, table: Any) -> Any:
+        import pyarrow.parquet as pq
+
+        w = self._writers.get(k)
+        if w is None:
+            path = self.partial / f"part-{k:05d}.parquet" if self.n_shards > 1 else self.partial
+            w = self._writers[k] = pq.ParquetWriter(path, table.schema)
+        return w
+
+    def write(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+
+        if len(frame) == 0:
+            return
+        if self.n_shards > 1:
+            idx = shard_index(frame[S.CONTENT_HASH], self.n_shards)
+            parts = [(k, frame[idx == k]) for k in np.unique(idx)]
+        else:
+            parts = [(0, frame)]
+        for k, part in parts:
+            table = pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False)
+            w = self._writer(int(k), table)
+            if not table.schema.equals(w.schema, check_metadata=False):
+                table = table.cast(w.schema)
+            w.write_table(table)
+        self.rows += len(frame)
+
+    def close(self) -> None:
+        """Finish the files and move them to ``target`` (an empty stream writes the ``empty`` frame,
+        as one file or as ``part-00000.parquet``)."""
+        for w in self._writers.values():
+            w.close()
+        if not self._writers and self.empty is not None:
+            io.write_parquet(self.empty, self.partial / "part-00000.parquet" if self.n_shards > 1 else self.partial)
+        self._writers = {}
+        _remove(self.target)
+        self.partial.rename(self.target)
+
+    def abort(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+        _remove(self.partial)
+
+    def __enter__(self) -> FrameSink:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def _load(shard: pd.DataFrame | Path | str) -> pd.DataFrame:
     return shard if isinstance(shard, pd.DataFrame) else io.read_records(Path(shard))
 

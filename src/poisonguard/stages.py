@@ -75,31 +75,28 @@ def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[P
         raise io.InputFileError("no input files given (ingest.inputs in params.yaml, or --input)")
     opts = io.ReadOptions(layout=cfg.layout, collector=cfg.collector, collected_at=cfg.collected_at,
                           max_field_chars=cfg.max_field_chars)
+    from poisonguard import sharded
+
     t0 = time.perf_counter()
-    res = io.read_inputs(files, opts, fmt=cfg.format, sources=cfg.sources, progress=progress)
     out_dir = Path(out_dir)
     target = out_dir / paths.RECORDS_FILE
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    if cfg.shards > 1:
-        from poisonguard import sharded
-
-        sharded.write_shards(res.records, target, cfg.shards)  # a folder of part-*.parquet files
-        if not io.shard_files(target):
-            io.write_records(res.records.iloc[:0], target / "part-00000.parquet")
-    else:
-        io.write_records(res.records, target)
-    io.write_parquet(res.rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
-    summary = {"rows_in": res.rows_in, "records": len(res.records), "rejected": len(res.rejected),
+    counts = io.IngestCounts()
+    # streamed a batch at a time into the shards (bounded memory at any delivery size); nothing
+    # replaces the previous output unless every file was read
+    with sharded.FrameSink(target, cfg.shards, empty=io.empty_records()) as records, \
+            sharded.FrameSink(out_dir / paths.REJECTED_FILE, 1, empty=io.rejected_frame([])) as rejected:
+        for recs, rej in io.read_batches(files, opts, fmt=cfg.format, sources=cfg.sources, progress=progress,
+                                         batch_rows=cfg.batch_rows, counts=counts):
+            records.write(recs)
+            rejected.write(rej)
+    summary = {"rows_in": counts.rows_in, "records": counts.records, "rejected": counts.rejected,
                "shards": len(io.shard_files(target)) if target.is_dir() else 1,
-               "inputs": [str(f) for f in files], "per_file": res.per_file,
+               "inputs": [str(f) for f in files], "per_file": counts.per_file,
                "seconds": round(time.perf_counter() - t0, 3)}
     _write_json(out_dir / "ingest.json", summary)
     audit.record(audit.INGESTED, subject={"inputs": summary["inputs"], "out_dir": str(out_dir)},
                  reason="ingest stage", details={k: summary[k] for k in ("rows_in", "records", "rejected", "per_file")})
-    log.info("ingest: %d rows in, %d records, %d rejected", res.rows_in, len(res.records), len(res.rejected))
+    log.info("ingest: %d rows in, %d records, %d rejected", counts.rows_in, counts.records, counts.rejected)
     return summary
 
 
