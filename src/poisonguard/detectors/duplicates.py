@@ -189,30 +189,40 @@ class DuplicatesDetector(Detector):
         if n == 0:
             return {"group_of": {}, "groups": [], "margin": {}, "pairs": 0}
         half = p["num_perm"] // 2
-        sig_a = np.concatenate([s["sig_a"] for s in summaries]) if n else np.zeros((0, half), np.uint32)
-        sig_b = np.concatenate([s["sig_b"] for s in summaries])
-        bandable = np.concatenate([s["bandable"] for s in summaries])
-        exact = np.concatenate([s["exact"] for s in summaries])
-        digest = np.concatenate([s["resp_digest"] for s in summaries])
-        preview = [x for s in summaries for x in s["resp_preview"]]
-        source = [x for s in summaries for x in s["source"]]
         # canonical row order (hash of the id, then the id), so bucket pairing and verification
         # do not depend on how the rows were sharded or ordered
         from poisonguard.textfeat import stable_hash
 
         canon = np.lexsort((np.array(ids, dtype=object).astype(str), stable_hash(np.array(ids, dtype=object))))
         ids = [ids[k] for k in canon]
-        sig_a, sig_b, bandable, exact, digest = (x[canon] for x in (sig_a, sig_b, bandable, exact, digest))
+
+        def joined(key: str) -> np.ndarray:   # one field at a time: never all signature copies at once
+            parts = [s[key] for s in summaries]
+            return (parts[0] if len(parts) == 1 else np.concatenate(parts))[canon]
+
+        sig_a, sig_b = joined("sig_a"), joined("sig_b")
+        bandable, exact, digest = joined("bandable"), joined("exact"), joined("resp_digest")
+        preview = [x for s in summaries for x in s["resp_preview"]]
         preview = [preview[k] for k in canon]
+        source = [x for s in summaries for x in s["source"]]
         source = [source[k] for k in canon]
 
-        rows_i: list[np.ndarray] = []
-        rows_j: list[np.ndarray] = []
+        # components are joined band by band (an edge list of every band at once cost ~1 GB at 1M
+        # rows of templated prompts); the partition is the same whatever order edges come in
+        label = np.arange(n, dtype=np.int64)
+
+        def join(ii: np.ndarray, jj: np.ndarray) -> None:
+            nonlocal label
+            a, b = label[ii], label[jj]
+            keep = a != b
+            if keep.any():
+                graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n))
+                label = connected_components(graph, directed=False)[1][label]
+
         # exact duplicates: chain each copy to the next one with the same key
         order = np.argsort(exact, kind="stable")
         same = exact[order][1:] == exact[order][:-1]
-        rows_i.append(order[:-1][same])
-        rows_j.append(order[1:][same])
+        join(order[:-1][same], order[1:][same])
         # LSH buckets: each band takes r/2 values from each half
         r2 = p["rows_per_band"] // 2
         cand = np.flatnonzero(bandable)
@@ -233,18 +243,13 @@ class DuplicatesDetector(Detector):
             li = cand[np.r_[left, leader]]
             lj = cand[np.r_[right, o[1:][eq]]]
             ok = np.zeros(len(li), dtype=bool)
-            for c0 in range(0, len(li), 1 << 20):   # pairs x signature copies: bounded batches
-                a, b = li[c0:c0 + (1 << 20)], lj[c0:c0 + (1 << 20)]
+            for c0 in range(0, len(li), 1 << 18):   # pairs x signature copies: bounded batches
+                a, b = li[c0:c0 + (1 << 18)], lj[c0:c0 + (1 << 18)]
                 ja = (sig_a[a] == sig_a[b]).mean(axis=1)
                 jb = (sig_b[a] == sig_b[b]).mean(axis=1)
                 ok[c0:c0 + len(a)] = (np.minimum(ja, jb) >= p["threshold"]) & (a != b)
             pairs += int(ok.sum())
-            rows_i.append(li[ok])
-            rows_j.append(lj[ok])
-        ii = np.concatenate(rows_i)
-        jj = np.concatenate(rows_j)
-        graph = coo_matrix((np.ones(len(ii), np.int8), (ii, jj)), shape=(n, n))
-        _, label = connected_components(graph, directed=False)
+            join(li[ok], lj[ok])
         sizes = np.bincount(label)
         groups: list[dict[str, Any]] = []
         group_of: dict[str, int] = {}
