@@ -103,6 +103,7 @@ from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
 
 _BIGRAM_TAG = np.uint64(0x51A7E3B4C2D19F07)
+_CHUNK = 100_000   # rows per step of the per-row passes of summarize
 
 
 @dataclass
@@ -229,13 +230,18 @@ class LabelFlipDetector(Detector):
         is_ins = kind == S.KIND_INSTRUCTION
         instr = tf.column(records, S.INSTRUCTION)
         ins_rows = np.flatnonzero(is_ins)
-        ctx_all = tf.stable_hash(np.array([" ".join(str(t).lower().split()) for t in instr[ins_rows]],
-                                          dtype=object)) if len(ins_rows) else np.zeros(0, np.uint64)
+        # task keys 100k rows at a time (the normalised instructions of 1M rows at once cost ~200 MB)
+        ctx_all = np.concatenate([np.zeros(0, np.uint64)] + [
+            tf.stable_hash(np.array([" ".join(str(t).lower().split()) for t in instr[ins_rows[lo:lo + _CHUNK]]],
+                                    dtype=object)) for lo in range(0, len(ins_rows), _CHUNK)])
         cv, cc = tf.value_counts(ctx_all)
         # occurrences of every token in every row (the shared token table of the trigger and response
-        # detectors, reused when cached): "rare in the whole data set" for the odd-token family
+        # detectors, reused when cached): "rare in the whole data set" for the odd-token family;
+        # prompt and response counted apart and summed (their 46M tokens joined at 1M rows cost 0.8 GB)
         tb = tf.RowTable.cached(records, 4000, 1000)
-        tv, tc = tf.value_counts(np.concatenate([tb.p_hash, tb.r_hash]))
+        (pv, pc), (rv, rc) = tf.value_counts(tb.p_hash), tf.value_counts(tb.r_hash)
+        tv, tc = _sum_counts([pv, rv], [pc, rc])
+        del pv, pc, rv, rc
         sel = np.zeros(0, dtype=np.int64)
         if len(ins_rows):
             inp = pd.Series(tf.column(records, S.INPUT)[ins_rows], dtype=object).str.strip()
