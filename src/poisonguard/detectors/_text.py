@@ -30,8 +30,13 @@ def col(records: pd.DataFrame, name: str) -> np.ndarray:
 def row_chunks(records: pd.DataFrame, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """``records`` ``chunk_rows`` rows at a time, for row-by-row analyses whose vectorised steps
     would hold GBs for 1M rows at once (nothing for an empty frame)."""
+    from poisonguard.textfeat import trim_heap
+
     for lo in range(0, len(records), max(int(chunk_rows), 1)):
         yield records.iloc[lo:lo + chunk_rows]
+        # the chunk's per-row strings are garbage now; freed in this lane's malloc arena, which the
+        # other lane's thread does not reuse: give them back (at 1M rows, 0.7 GB left over otherwise)
+        trim_heap()
 
 
 def by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], list[Any]], chunk_rows: int) -> list[Any]:

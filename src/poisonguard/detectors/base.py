@@ -128,7 +128,14 @@ class Detector(ABC):
         """Score one shard against the global statistics."""
 
     def score(self, records: pd.DataFrame) -> DetectorResult:
-        return self.score_with(records, self.merge([self.summarize(records)]))
+        from poisonguard.textfeat import trim_heap
+
+        summary = self.summarize(records)
+        trim_heap()   # each phase's per-row garbage goes back to the OS before the next phase
+        stats = self.merge([summary])
+        del summary
+        trim_heap()
+        return self.score_with(records, stats)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))

@@ -281,14 +281,19 @@ class DivergentCopiesDetector(Detector):
 # ==================================================================== phase 1
 
 _BLOCK_ROWS = 50_000
+_MEMBER_BLOCK = 100_000
 
 
 def _summarize(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _Summary:
     """Per-row summary, tokenised in blocks of rows (bounded memory on large shards)."""
     if len(records) <= _BLOCK_ROWS:
         return _summarize_block(records, max_turns, max_turn_chars)
-    return _concat([_summarize_block(records.iloc[i:i + _BLOCK_ROWS], max_turns, max_turn_chars)
-                    for i in range(0, len(records), _BLOCK_ROWS)])
+    # blocks joined in key order, each block's arrays freed as they are joined
+    blocks = []
+    for i in range(0, len(records), _BLOCK_ROWS):
+        blocks.append(_summarize_block(records.iloc[i:i + _BLOCK_ROWS], max_turns, max_turn_chars))
+        tf.trim_heap()   # the block's turn texts are garbage: give them back (0.7 GB at 1M rows)
+    return _concat(blocks, consume=True)   # in key order: merge then takes a single summary as it is
 
 
 def _summarize_block(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _Summary:
@@ -387,32 +392,45 @@ def _turns(records: pd.DataFrame, max_turns: int) -> tuple[np.ndarray, np.ndarra
 
 # ==================================================================== phase 2
 
-def _concat(parts: list[_Summary]) -> _Summary:
+def _concat(parts: list[_Summary], by_key: bool = True, consume: bool = False) -> _Summary:
+    """Summaries one after the other, rows sorted by ``key`` (``by_key``; a single summary already
+    in key order is returned as it is) or kept in order. ``consume`` frees each part's arrays as
+    they are joined (parts nobody else holds)."""
     if not parts:
         z = np.zeros(0, dtype=np.uint64)
         zp = np.zeros(1, dtype=np.int64)
         return _Summary(np.zeros(0, dtype=object), z, np.zeros(0, bool), zp, z, np.zeros(0, np.int32), z,
                         zp.copy(), z.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
     key = np.concatenate([p.key for p in parts])
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key, kind="stable") if by_key else None
+    if order is not None and len(parts) == 1 and bool((order == np.arange(len(order))).all()):
+        return parts[0]
 
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in parts])
+    def cat(name: str, take: np.ndarray | None) -> np.ndarray:
+        out = np.concatenate([getattr(p, name) for p in parts])
+        if consume:
+            for p in parts:
+                setattr(p, name, None)
+        return out if take is None else out[take]
 
     def csr(ptr: str, *vals: str) -> tuple[np.ndarray, ...]:
         lens = np.concatenate([np.diff(getattr(p, ptr)) for p in parts])
+        if order is None:
+            indptr = np.zeros(len(lens) + 1, dtype=np.int64)
+            np.cumsum(lens, out=indptr[1:])
+            return (indptr, *[cat(v, None) for v in vals])
         starts = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens, out=starts[1:])
         new_lens = lens[order]
         indptr = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(new_lens, out=indptr[1:])
         gather = _ranges(starts[:-1][order], new_lens)
-        return (indptr, *[cat(v)[gather] for v in vals])
+        return (indptr, *[cat(v, gather) for v in vals])
 
     n_ptr, n_key, n_turn, n_cont = csr("n_ptr", "n_key", "n_turn", "n_cont")
     w_ptr, w_hash, w_turn, w_intro = csr("w_ptr", "w_hash", "w_turn", "w_intro")
-    return _Summary(cat("ids")[order], key[order], cat("has_resp")[order], n_ptr, n_key, n_turn, n_cont,
-                    w_ptr, w_hash, w_turn, w_intro)
+    return _Summary(cat("ids", order), key if order is None else key[order], cat("has_resp", order),
+                    n_ptr, n_key, n_turn, n_cont, w_ptr, w_hash, w_turn, w_intro)
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -467,12 +485,20 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     info["rows_in_groups"] = int(len(np.unique(mem_row)))
     bits = tf.row_bits(G)
     b = np.uint64(bits)
-    # words each member adds: introduced after its group's node (so not in the shared prompt)
-    lens = np.diff(sm.w_ptr)[mem_row]
-    idx = _ranges(sm.w_ptr[mem_row], lens)
-    rep = np.repeat(np.arange(len(mem_row), dtype=np.int64), lens)
-    adds = sm.w_intro[idx] & (sm.w_turn[idx] > mem_turn[rep])
-    idx, rep = idx[adds], rep[adds]
+    # words each member adds: introduced after its group's node (so not in the shared prompt);
+    # members a block at a time (every member's words at once cost ~1 GB at 1M rows)
+    w_lens = np.diff(sm.w_ptr)
+    idx_parts, rep_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for lo in range(0, len(mem_row), _MEMBER_BLOCK):
+        mr = mem_row[lo:lo + _MEMBER_BLOCK]
+        lens = w_lens[mr]
+        idx_c = _ranges(sm.w_ptr[mr], lens)
+        rep_c = np.repeat(np.arange(lo, lo + len(mr), dtype=np.int64), lens)
+        adds = sm.w_intro[idx_c] & (sm.w_turn[idx_c] > mem_turn[rep_c])
+        idx_parts.append(idx_c[adds])
+        rep_parts.append(rep_c[adds])
+    idx, rep = np.concatenate(idx_parts), np.concatenate(rep_parts)
+    del idx_parts, rep_parts
     packed = ((sm.w_hash[idx] >> b) << b) | mem_g[rep].astype(np.uint64)
     order = tf.sort_index(packed)
     ps = packed[order]
@@ -493,8 +519,8 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     both = np.add.reduceat((~run_div).astype(np.int64), f_start)
     touched = k + both
     # rows that introduce each word anywhere (also outside groups)
-    intro_feat = sm.w_hash[sm.w_intro] >> b
-    w_rows_intro = np.repeat(np.arange(n, dtype=np.int64), np.diff(sm.w_ptr))[sm.w_intro]
+    intro_at = np.flatnonzero(sm.w_intro)
+    intro_feat = sm.w_hash[intro_at] >> b
     vals, counts = tf.value_counts(intro_feat)
     n_w = tf.lookup(vals, counts, f_keys)
     # distinct rows on the adding side of a divergent group, per word
@@ -564,7 +590,7 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     for fi in sig:
         f = f_keys[fi]
         add_rows = pair[pair // (n + 1) == fi] % (n + 1)
-        intro_rows = np.unique(w_rows_intro[intro_feat == f])
+        intro_rows = np.unique(np.searchsorted(sm.w_ptr, intro_at[intro_feat == f], side="right") - 1)
         sl = slice(f_start[fi], f_end[fi])
         shared_g = run_g[sl][~run_div[sl]]
         in_shared = mem_row[np.isin(mem_g, shared_g)] if len(shared_g) else np.zeros(0, np.int64)
