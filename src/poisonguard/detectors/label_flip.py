@@ -367,7 +367,7 @@ def _sum_counts(values: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.
     """Merge (sorted values, counts) tables by summing the counts of equal values."""
     v = np.concatenate(values) if values else np.zeros(0, np.uint64)
     c = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    if len(values) <= 1:
+    if len(values) <= 1 or len(v) == 0:
         return v.astype(np.uint64), c.astype(np.int64)
     o = np.argsort(v, kind="stable")
     v, c = v[o], c[o]
