@@ -133,26 +133,23 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any, str]]:
 
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str]]:
     with path.open("r", encoding="utf-8", errors="surrogateescape", newline="") as fh:
-        yield from _csv_rows(csv.DictReader(fh))
-
-
-def _csv_rows(reader: csv.DictReader) -> Iterator[tuple[int, Any, str]]:
-    if reader.fieldnames is None:
-        return
-    start = reader.line_num + 1
-    for row in reader:
-        line = start
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None:
+            return
         start = reader.line_num + 1
-        raw = json.dumps(row, ensure_ascii=False, default=str)
-        bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogates(v)]
-        if bad:
-            yield line, RowError(INVALID_UTF8, bad[0], f"invalid UTF-8 in field {bad[0]!r}"), \
-                raw.encode("utf-8", "replace").decode("utf-8")
-            continue
-        if None in row:  # more cells than header columns
-            yield line, RowError(BAD_JSON, "", "row has more cells than the header"), raw
-            continue
-        yield line, {k: v for k, v in row.items() if v is not None}, raw
+        for row in reader:
+            line = start
+            start = reader.line_num + 1
+            raw = json.dumps(row, ensure_ascii=False, default=str)
+            bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogates(v)]
+            if bad:
+                yield line, RowError(INVALID_UTF8, bad[0], f"invalid UTF-8 in field {bad[0]!r}"), \
+                    raw.encode("utf-8", "replace").decode("utf-8")
+                continue
+            if None in row:  # more cells than header columns
+                yield line, RowError(BAD_JSON, "", "row has more cells than the header"), raw
+                continue
+            yield line, {k: v for k, v in row.items() if v is not None}, raw
 
 
 def _has_surrogates(v: str) -> bool:
@@ -330,16 +327,6 @@ def iter_rows(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = N
             yield rec, None
     except OSError as e:
         raise InputFileError(f"{path}: cannot read: {e}") from e
-
-
-def read_file(path: Path, opts: ReadOptions = ReadOptions(), fmt: str | None = None,
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Read one file: (records, rejections, rows_in)."""
-    records: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    for rec, rej in iter_rows(path, opts, fmt):
-        (records.append(rec) if rec is not None else rejected.append(rej))
-    return records, rejected, len(records) + len(rejected)
 
 
 class _SeenIds:
@@ -584,7 +571,7 @@ def to_native(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["InputFileError", "ReadOptions", "IngestResult", "IngestCounts", "read_file", "read_inputs",
+__all__ = ["InputFileError", "ReadOptions", "IngestResult", "IngestCounts", "read_inputs",
            "read_batches", "iter_rows", "normalise",
            "detect_format", "detect_layout", "read_records", "shard_files", "write_records", "read_parquet",
            "write_parquet", "to_native", "REASONS", "empty_records"]

@@ -93,6 +93,7 @@ from scipy import stats as sst
 
 from poisonguard import schema as S
 from poisonguard import textfeat as tf
+from poisonguard.detectors import _text as T
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
 
@@ -288,12 +289,10 @@ def _summarize(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _S
     """Per-row summary, tokenised in blocks of rows (bounded memory on large shards)."""
     if len(records) <= _BLOCK_ROWS:
         return _summarize_block(records, max_turns, max_turn_chars)
-    # blocks joined in key order, each block's arrays freed as they are joined
-    blocks = []
-    for i in range(0, len(records), _BLOCK_ROWS):
-        blocks.append(_summarize_block(records.iloc[i:i + _BLOCK_ROWS], max_turns, max_turn_chars))
-        tf.trim_heap()   # the block's turn texts are garbage: give them back (0.7 GB at 1M rows)
-    return _concat(blocks, consume=True)   # in key order: merge then takes a single summary as it is
+    # blocks joined in key order (merge then takes the single summary as it is), each block's
+    # arrays freed as they are joined; row_chunks gives each block's turn texts back to the OS
+    blocks = [_summarize_block(b, max_turns, max_turn_chars) for b in T.row_chunks(records, _BLOCK_ROWS)]
+    return _concat(blocks, consume=True)
 
 
 def _summarize_block(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _Summary:
@@ -392,33 +391,29 @@ def _turns(records: pd.DataFrame, max_turns: int) -> tuple[np.ndarray, np.ndarra
 
 # ==================================================================== phase 2
 
-def _concat(parts: list[_Summary], by_key: bool = True, consume: bool = False) -> _Summary:
-    """Summaries one after the other, rows sorted by ``key`` (``by_key``; a single summary already
-    in key order is returned as it is) or kept in order. ``consume`` frees each part's arrays as
-    they are joined (parts nobody else holds)."""
+def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
+    """Summaries one after the other, rows sorted by ``key`` (a single summary already in key order
+    is returned as it is). ``consume`` frees each part's arrays as they are joined (parts nobody
+    else holds)."""
     if not parts:
         z = np.zeros(0, dtype=np.uint64)
         zp = np.zeros(1, dtype=np.int64)
         return _Summary(np.zeros(0, dtype=object), z, np.zeros(0, bool), zp, z, np.zeros(0, np.int32), z,
                         zp.copy(), z.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
     key = np.concatenate([p.key for p in parts])
-    order = np.argsort(key, kind="stable") if by_key else None
-    if order is not None and len(parts) == 1 and bool((order == np.arange(len(order))).all()):
+    order = np.argsort(key, kind="stable")
+    if len(parts) == 1 and bool((order == np.arange(len(order))).all()):
         return parts[0]
 
-    def cat(name: str, take: np.ndarray | None) -> np.ndarray:
+    def cat(name: str, take: np.ndarray) -> np.ndarray:
         out = np.concatenate([getattr(p, name) for p in parts])
         if consume:
             for p in parts:
                 setattr(p, name, None)
-        return out if take is None else out[take]
+        return out[take]
 
     def csr(ptr: str, *vals: str) -> tuple[np.ndarray, ...]:
         lens = np.concatenate([np.diff(getattr(p, ptr)) for p in parts])
-        if order is None:
-            indptr = np.zeros(len(lens) + 1, dtype=np.int64)
-            np.cumsum(lens, out=indptr[1:])
-            return (indptr, *[cat(v, None) for v in vals])
         starts = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens, out=starts[1:])
         new_lens = lens[order]
@@ -429,7 +424,7 @@ def _concat(parts: list[_Summary], by_key: bool = True, consume: bool = False) -
 
     n_ptr, n_key, n_turn, n_cont = csr("n_ptr", "n_key", "n_turn", "n_cont")
     w_ptr, w_hash, w_turn, w_intro = csr("w_ptr", "w_hash", "w_turn", "w_intro")
-    return _Summary(cat("ids", order), key if order is None else key[order], cat("has_resp", order),
+    return _Summary(cat("ids", order), key[order], cat("has_resp", order),
                     n_ptr, n_key, n_turn, n_cont, w_ptr, w_hash, w_turn, w_intro)
 
 
