@@ -212,3 +212,73 @@ def test_a_partial_view_adds_no_flags_of_its_own_to_old_rows(nights, tmp_path):
     assert info["mode"] == "incremental"
     assert res2.decisions.loc[victim[0], S.DECISION] == S.KEEP
     assert poisoned <= set(res2.quarantine[S.ID])
+
+
+def _coarse_keys(arr) -> "np.ndarray":
+    """A deliberately bad 64-bit key (string length mod 3): nearly every key collides."""
+    import numpy as np
+
+    return (np.asarray([len(x or "") for x in arr.to_pylist()]) % 3).astype(np.uint64)
+
+
+def test_hash_index_finds_the_first_row_of_each_string_and_never_a_wrong_one():
+    import numpy as np
+
+    values = ["a", "bb", "a", "ccc", "dd", "bb", "e", ""]
+    query = ["bb", "zz", "a", "", "ccc", "x", "e", "dd"]
+    v, q = incremental._strings(pd.Series(values)), incremental._strings(pd.Series(query))
+    truth = pd.Index(pd.Series(values).drop_duplicates()).get_indexer(query)
+    first = pd.Series(values).drop_duplicates().index.to_numpy()
+    expect = np.where(truth >= 0, first[np.maximum(truth, 0)], -1)
+    assert incremental._HashIndex(v).lookup(q).tolist() == expect.tolist()
+    # with colliding keys a string is found at its first row or looks absent, never elsewhere
+    pos = incremental._HashIndex(v, _coarse_keys(v)).lookup(q, _coarse_keys(q))
+    assert all(p == -1 or p == e for p, e in zip(pos.tolist(), expect.tolist()))
+    assert incremental._HashIndex(incremental._strings(pd.Series([], dtype=str))).lookup(q).tolist() == [-1] * 8
+
+
+def test_ledger_table_keeps_the_most_severe_row_per_content_hash(nights):
+    """The ledger written from tonight's decisions: one entry per content hash, the most severe
+    decision (the first such row), most severe first, then in row order; the same with keys
+    that collide (grouped on the strings then)."""
+    import numpy as np
+
+    _, night2, _ = nights
+    recs = pd.concat([night2.iloc[:40], night2.iloc[[3, 5, 5, 9]]], ignore_index=True)
+    recs[S.ID] = [f"r{i}" for i in range(len(recs))]
+    rng = np.random.default_rng(0)
+    dec = pd.DataFrame({S.DECISION: rng.choice([S.KEEP, S.REVIEW, S.QUARANTINE], len(recs)),
+                        S.SCORE: rng.random(len(recs)), S.DETECTORS: [f"d{i}" for i in range(len(recs))],
+                        S.EVIDENCE: "", S.FINDING: ""}, index=pd.Index(recs[S.ID], name=S.ID))
+    keys = incremental.prompt_keys(recs)
+    table = pd.DataFrame({S.CONTENT_HASH: recs[S.CONTENT_HASH].to_numpy(), "prompt_key": keys,
+                          **{c: dec[c].to_numpy() for c in dec.columns}})
+    table["_sev"] = table[S.DECISION].map({S.KEEP: 0, S.REVIEW: 1, S.QUARANTINE: 2})
+    want = (table.sort_values("_sev", ascending=False, kind="stable").drop_duplicates(S.CONTENT_HASH)
+            .drop(columns="_sev").reset_index(drop=True))
+    assert len(want) == recs[S.CONTENT_HASH].nunique() < len(recs)
+    for hk in (None, _coarse_keys(incremental._strings(recs[S.CONTENT_HASH]))):
+        got = incremental._ledger_table(recs, keys, hk, dec).to_pandas()
+        pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+
+
+def test_a_runner_that_reorders_its_rows_gets_the_same_decisions(nights, tmp_path):
+    night1, night2, _ = nights
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        incremental.sanitize_incremental(night1, CFG, d, INC, _runner([]))
+    res_a, _ = incremental.sanitize_incremental(night2, CFG, a, INC, _runner([]))
+
+    def reversed_run(rows: pd.DataFrame) -> san.SanitizeResult:
+        return san.sanitize(rows.iloc[::-1].reset_index(drop=True), CFG)
+
+    res_b, _ = incremental.sanitize_incremental(night2, CFG, b, INC, reversed_run)
+    # (evidence quotes the first surface form a detector meets, which follows the row order)
+    cols = [S.DECISION, S.SCORE, S.DETECTORS]
+    pd.testing.assert_frame_equal(res_a.decisions[cols], res_b.decisions[cols])
+    assert (res_a.decisions[S.DECISION] != S.KEEP).sum() > 0
+    for k, r in res_a.results.items():
+        pd.testing.assert_series_equal(r.scores, res_b.results[k].scores)
+        pd.testing.assert_series_equal(r.flagged, res_b.results[k].flagged)
+    pd.testing.assert_frame_equal(pd.read_parquet(a / incremental.LEDGER_FILE)[[S.CONTENT_HASH, *cols]],
+                                  pd.read_parquet(b / incremental.LEDGER_FILE)[[S.CONTENT_HASH, *cols]])

@@ -41,6 +41,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from poisonguard import schema as S
 from poisonguard.config import IncrementalConfig, SanitizeConfig
@@ -78,8 +81,59 @@ def fingerprint(cfg: SanitizeConfig) -> str:
 
 def prompt_keys(records: pd.DataFrame) -> np.ndarray:
     """Stable 64-bit hash of each row's lower-cased, whitespace-trimmed prompt (vectorised)."""
-    norm = records[S.PROMPT].fillna("").astype(str).str.strip().str.lower()
-    return pd.util.hash_array(norm.to_numpy(dtype=object), categorize=False).astype(np.uint64)
+    norm = pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(_strings(records[S.PROMPT]), "")))
+    return _key64(norm)
+
+
+def _strings(values: Any) -> pa.Array | pa.ChunkedArray:
+    """A string column (or index, or array) as Arrow strings: no copy for Arrow-backed data
+    (pandas' default string columns), a conversion otherwise."""
+    arr = pa.array(getattr(values, "array", values), from_pandas=True)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.large_string())
+    return arr
+
+
+def _key64(arr: pa.Array) -> np.ndarray:
+    """64-bit hash of each string (pandas' stable SipHash; nulls hash as None)."""
+    return pd.util.hash_array(arr.to_numpy(zero_copy_only=False), categorize=False).astype(np.uint64)
+
+
+class _HashIndex:
+    """Positions of strings in a column, looked up through sorted 64-bit hashes and confirmed on
+    the full strings (a pandas string index hashes 1M Python strings per look-up, ~0.5 s each).
+
+    ``lookup`` gives the first position of each query string in the column, or -1. Two different
+    strings whose hashes collide make the later one look
+    absent (odds of a few in 10^8 for a 1M-row ledger): an incremental run then re-checks that row,
+    which is safe."""
+
+    def __init__(self, values: pa.Array, keys: np.ndarray | None = None) -> None:
+        self.values = values
+        keys = _key64(values) if keys is None else keys
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+
+    def lookup(self, query: pa.Array, keys: np.ndarray | None = None) -> np.ndarray:
+        keys = _key64(query) if keys is None else keys
+        if not len(self.sorted):
+            return np.full(len(keys), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+        hit = np.flatnonzero(self.sorted[at] == keys)
+        pos = np.full(len(keys), -1, dtype=np.int64)
+        cand = self.order[at[hit]]
+        same = pc.equal(self.values.take(pa.array(cand)), query.take(pa.array(hit)))
+        same = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
+        pos[hit[same]] = cand[same]
+        return pos
+
+
+def _severity(decisions: np.ndarray, unknown: int) -> np.ndarray:
+    """keep 0, review 1, quarantine 2; anything else ``unknown``."""
+    out = np.full(len(decisions), unknown, dtype=np.int8)
+    for name, sev in _SEVERITY.items():
+        out[decisions == name] = sev
+    return out
 
 
 @dataclass
@@ -103,12 +157,17 @@ class Ledger:
         return cls(table, meta)
 
     def save(self, ledger_dir: Path) -> None:
-        ledger_dir = Path(ledger_dir)
-        ledger_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ledger_dir / (LEDGER_FILE + ".tmp")
-        self.table.loc[:, list(LEDGER_COLUMNS)].to_parquet(tmp, index=False)
-        tmp.replace(ledger_dir / LEDGER_FILE)  # atomic: a crash leaves the old ledger whole
-        (ledger_dir / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n", encoding="utf-8")
+        _write(ledger_dir, pa.Table.from_pandas(self.table.loc[:, list(LEDGER_COLUMNS)], preserve_index=False),
+               self.meta)
+
+
+def _write(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    ledger_dir = Path(ledger_dir)
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ledger_dir / (LEDGER_FILE + ".tmp")
+    pq.write_table(table.select(list(LEDGER_COLUMNS)), tmp)
+    tmp.replace(ledger_dir / LEDGER_FILE)  # atomic: a crash leaves the old ledger whole
+    (ledger_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 @dataclass
@@ -120,13 +179,16 @@ class Plan:
     new: np.ndarray                      # bool per record
     delta: np.ndarray                    # bool per record: rows the detectors see
     counts: dict[str, int] = field(default_factory=dict)
+    # incremental plans: each record's row in the ledger table (-1 = new), and its content hash's
+    # 64-bit key (reused to complete the decisions and to write the ledger)
+    ledger_pos: np.ndarray | None = None
+    hash_keys: np.ndarray | None = None
 
 
 def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: IncrementalConfig,
          keys: np.ndarray | None = None) -> Plan:
     """Decide full vs incremental and pick the delta set (pure; see module docstring)."""
     n = len(records)
-    hashes = records[S.CONTENT_HASH].to_numpy()
     everything = np.ones(n, dtype=bool)
 
     def full(reason: str) -> Plan:
@@ -143,35 +205,34 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     since = int(ledger.meta.get("runs_since_full", 0))
     if inc.full_every and since + 1 >= inc.full_every:
         return full(f"{since} incremental runs since the last full run (full_every: {inc.full_every})")
-    tab = ledger.table.drop_duplicates(S.CONTENT_HASH)
-    known = pd.Index(tab[S.CONTENT_HASH])
-    is_old = known.get_indexer(hashes) >= 0
+    hashes = _strings(records[S.CONTENT_HASH])
+    hkeys = _key64(hashes)
+    lpos = _HashIndex(_strings(ledger.table[S.CONTENT_HASH])).lookup(hashes, hkeys)
+    is_old = lpos >= 0
     new = ~is_old
     n_new = int(new.sum())
     if n and n_new / n > inc.max_new_fraction:
         return full(f"{n_new} of {n} rows are new (more than max_new_fraction {inc.max_new_fraction})")
-    old_dec = pd.Series(tab[S.DECISION].to_numpy(), index=known)
-    dec = old_dec.reindex(hashes).fillna(S.KEEP).to_numpy()
-    watched = is_old & (dec != S.KEEP)
+    led_dec = ledger.table[S.DECISION].fillna(S.KEEP).to_numpy(dtype=object)
+    watched = is_old & (_severity(led_dec, 1)[np.maximum(lpos, 0)] != 0)
     if keys is None:
         keys = prompt_keys(records)
     twins = np.zeros(n, dtype=bool)
     if n_new:
         cand = np.flatnonzero(is_old & ~watched & np.isin(keys, keys[new]))
         # a few copies per prompt are enough to show disagreeing answers; the first by content hash
-        frame = pd.DataFrame({"k": keys[cand], "h": pd.util.hash_array(hashes[cand].astype(object), categorize=False),
-                              "i": cand}).sort_values(["k", "h"], kind="stable")
+        frame = pd.DataFrame({"k": keys[cand], "h": hkeys[cand], "i": cand}).sort_values(["k", "h"], kind="stable")
         twins[frame["i"].to_numpy()[frame.groupby("k", sort=False).cumcount().to_numpy() < inc.max_twins]] = True
     old_idx = np.flatnonzero(is_old & ~watched & ~twins)
     want = min(len(old_idx), max(int(np.ceil(inc.baseline_factor * n_new)), inc.min_baseline))
     # a fixed hash-ordered sample: the same old rows serve as the baseline night after night
-    order = np.argsort(pd.util.hash_array(hashes[old_idx].astype(object), categorize=False), kind="stable")
+    order = np.argsort(hkeys[old_idx], kind="stable")
     base = np.zeros(n, dtype=bool)
     base[old_idx[order[:want]]] = True
     delta = new | watched | twins | base
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
-    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts)
+    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys)
 
 
 RunFn = Callable[[pd.DataFrame], Any]  # records -> SanitizeResult
@@ -202,37 +263,84 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
         part = run(sub)
         res = _complete(records, part, ledger, p, SanitizeResult, _align)
         runs_since = int(ledger.meta.get("runs_since_full", 0)) + 1
-    dec = res.decisions.reindex(records[S.ID])
-    table = pd.DataFrame({S.CONTENT_HASH: records[S.CONTENT_HASH].to_numpy(), "prompt_key": keys,
-                          **{c: dec[c].to_numpy() for c in (S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING)}})
-    # one entry per content hash: the most severe decision among identical rows
-    table["_sev"] = table[S.DECISION].map(_SEVERITY)
-    table = (table.sort_values("_sev", ascending=False, kind="stable")
-             .drop_duplicates(S.CONTENT_HASH).drop(columns="_sev").reset_index(drop=True))
+    ids = pd.Index(records[S.ID], name=S.ID)
+    dec = res.decisions if res.decisions.index.equals(ids) else res.decisions.reindex(ids)
+    table = _ledger_table(records, keys, p.hash_keys, dec)
     meta = {"fingerprint": fp, "runs_since_full": runs_since, "last_mode": p.mode, "last_reason": p.reason,
-            "rows": int(len(table)), "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
-    Ledger(table, meta).save(ledger_dir)
+            "rows": int(table.num_rows), "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
+    _write(ledger_dir, table, meta)
     info = {"mode": p.mode, "reason": p.reason, **p.counts, "seconds": round(time.perf_counter() - t0, 3),
             "fingerprint": fp}
     return res, info
 
 
+def _ledger_table(records: pd.DataFrame, keys: np.ndarray, hkeys: np.ndarray | None,
+                  dec: pd.DataFrame) -> pa.Table:
+    """One entry per content hash: the most severe decision among identical rows (the first such
+    row), most severe first, then in row order. ``dec``: decisions in the records' order."""
+    hashes = _strings(records[S.CONTENT_HASH])
+    hkeys = _key64(hashes) if hkeys is None else hkeys
+    n = len(records)
+    sev = _severity(dec[S.DECISION].to_numpy(dtype=object), -1).astype(np.int64)
+    # rows most severe first, then in row order; then stably by hash
+    by_sev = np.concatenate([np.flatnonzero(sev == v) for v in (2, 1, 0, -1)])
+    order = by_sev[np.argsort(hkeys[by_sev], kind="stable")]
+    k = hkeys[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    later = np.flatnonzero(~first)
+    if len(later) and not pc.all(pc.equal(hashes.take(pa.array(order[later])),
+                                          hashes.take(pa.array(order[later - 1])))).as_py():
+        # two different content hashes share a 64-bit key: group on the strings themselves
+        frame = pd.DataFrame({"h": hashes.to_numpy(zero_copy_only=False), "s": sev})
+        rows = frame.sort_values("s", ascending=False, kind="stable").drop_duplicates("h").index.to_numpy()
+        rows = rows.astype(np.int64)
+    else:
+        keep = np.zeros(n, dtype=bool)
+        keep[order[first]] = True
+        rows = by_sev[keep[by_sev]]
+    take = pa.array(rows)
+    cols = {S.CONTENT_HASH: hashes.take(take), "prompt_key": pa.array(keys[rows]),
+            S.SCORE: pa.array(dec[S.SCORE].to_numpy(dtype=float)[rows])}
+    for c in (S.DECISION, S.DETECTORS, S.EVIDENCE, S.FINDING):
+        cols[c] = _strings(dec[c]).take(take)
+    return pa.table(cols)
+
+
 def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_cls: Any, align: Any) -> Any:
     """All rows' decisions: the delta run's for new rows; for old rows the ledger's, replaced by the
-    delta run's only when that is more severe and comes from a finding that new rows joined."""
+    delta run's only when that is more severe and comes from a finding that new rows joined.
+
+    Works on positions (the plan's ledger rows, the delta's rows in the run's result), not on
+    string indexes: at 1M rows every string look-up costs about half a second."""
+    n = len(records)
     ids = pd.Index(records[S.ID], name=S.ID)
-    tab = ledger.table.drop_duplicates(S.CONTENT_HASH).set_index(S.CONTENT_HASH)
     cols = [S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING]
-    old = tab.reindex(records[S.CONTENT_HASH].to_numpy())[cols]
-    old.index = ids
-    old[S.DECISION] = old[S.DECISION].fillna(S.KEEP)
-    old[S.SCORE] = old[S.SCORE].fillna(0.0).astype(float)
-    for c in (S.DETECTORS, S.EVIDENCE, S.FINDING):
-        old[c] = old[c].fillna("").astype(object)
-    tonight = part.decisions[cols].reindex(ids)
-    seen = tonight[S.DECISION].notna().to_numpy()
-    sev_new = tonight[S.DECISION].map(_SEVERITY).fillna(-1).to_numpy()
-    sev_old = old[S.DECISION].map(_SEVERITY).to_numpy()
+    lpos = p.ledger_pos
+    if lpos is None:
+        lpos = _HashIndex(_strings(ledger.table[S.CONTENT_HASH])).lookup(_strings(records[S.CONTENT_HASH]))
+    # each record's row in the delta run's result (-1: not in the delta)
+    delta_rows = np.flatnonzero(p.delta)
+    dpos = np.full(n, -1, dtype=np.int64)
+    part_ids = part.decisions.index
+    id_arr = _strings(records[S.ID])
+    if len(part_ids) == len(delta_rows) and (
+            not len(delta_rows) or pc.all(pc.equal(_strings(part_ids), id_arr.take(pa.array(delta_rows)))).as_py()):
+        dpos[delta_rows] = np.arange(len(delta_rows))
+    else:  # a runner that returns its rows in another order
+        dpos = part_ids.get_indexer(pd.Index(ids.to_numpy(dtype=object)))
+    known, seen = lpos >= 0, dpos >= 0
+    lrow, drow = np.maximum(lpos, 0), np.maximum(dpos, 0)
+
+    def merged(col: str, fill: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+        old = ledger.table[col].to_numpy(dtype=dtype)[lrow] if len(ledger.table) else np.full(n, fill, dtype=dtype)
+        old[~known | pd.isna(old)] = fill
+        tonight = part.decisions[col].to_numpy(dtype=dtype)[drow] if len(part_ids) else np.full(n, fill, dtype=dtype)
+        return old, tonight
+
+    old_dec, new_dec = merged(S.DECISION, S.KEEP, object)
+    sev_old = _severity(old_dec, 3)              # a decision the ledger should not hold is never upgraded
+    sev_new = np.where(seen, _severity(new_dec, -1), -1)
     # an old row is upgraded only by a finding that new rows joined (a cluster that grew); a
     # partial view flagging old rows on its own would ratchet up false positives night by night
     new_ids = set(records.loc[p.new, S.ID])
@@ -240,18 +348,21 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
     for f in part.findings:
         if not new_ids.isdisjoint(f.ids):
             grown.update(f.ids)
-    in_grown = ids.isin(list(grown)) if grown else np.zeros(len(ids), dtype=bool)
+    in_grown = (pc.is_in(id_arr, value_set=pa.array(sorted(grown), type=id_arr.type)).to_numpy(zero_copy_only=False)
+                if grown else np.zeros(n, dtype=bool))
     take_new = seen & (p.new | ((sev_new > sev_old) & in_grown))
-    decisions = old.copy()
-    decisions.loc[take_new, cols] = tonight.loc[take_new, cols].to_numpy()
-    decisions[S.SCORE] = decisions[S.SCORE].astype(float)
-    # every detector result of the delta run is indexed by the delta's ids (the run checks it):
-    # look the positions up once
+    data: dict[str, np.ndarray] = {}
+    for col, fill, dtype in ((S.DECISION, S.KEEP, object), (S.SCORE, 0.0, float), (S.DETECTORS, "", object),
+                             (S.EVIDENCE, "", object), (S.FINDING, "", object)):
+        old, tonight = (old_dec, new_dec) if col == S.DECISION else merged(col, fill, dtype)
+        data[col] = np.where(take_new, tonight, old)
+    decisions = pd.DataFrame({c: pd.Series(v, index=ids, dtype=object if c in (S.DETECTORS, S.EVIDENCE, S.FINDING)
+                                            else None) for c, v in data.items()}, index=ids)
+    # every detector result of the delta run is indexed by the delta's ids (the run checks it)
     obj_ids = pd.Index(ids.to_numpy(dtype=object), name=S.ID)
-    pos = part.decisions.index.get_indexer(obj_ids)
     for k, r in part.results.items():
-        if not r.scores.index.equals(part.decisions.index):
+        if not r.scores.index.equals(part_ids):
             raise ValueError(f"detector {k!r}: its rows differ from the delta run's decisions")
-    results: dict[str, DetectorResult] = {k: align(r, obj_ids, pos) for k, r in part.results.items()}
+    results: dict[str, DetectorResult] = {k: align(r, obj_ids, dpos) for k, r in part.results.items()}
     return result_cls(records.reset_index(drop=True), decisions, results, list(part.findings),
                       dict(part.seconds), dict(part.llm_summary), part.hold_review)
