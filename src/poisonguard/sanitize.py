@@ -81,6 +81,7 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
     results: dict[str, DetectorResult] = {}
     seconds: dict[str, float] = {}
     stop = threading.Event()
+    textfeat.trim_heap()   # what reading the records left idle (Arrow's pool keeps freed buffers)
 
     def run_lane(lane: list[str]) -> None:
         for name in lane:

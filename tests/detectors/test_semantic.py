@@ -101,6 +101,53 @@ def test_lsh_clusters_join_near_identical_vectors_only():
     assert (label[4:] == -1).all() or not set(label[4:]) & {label[0]}
 
 
+def _clusters_all_edges(R, valid, cos, seed, max_bucket):
+    """The reference: one connected-components call over the edges of every LSH round."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    n, d = R.shape
+    rng = np.random.default_rng(seed + 1)
+    idx = np.flatnonzero(valid)
+    ii, jj = [], []
+    for _ in range(6):
+        planes = rng.standard_normal((d, 16))
+        side = (R[idx].astype(np.float64) @ planes) > 0
+        key = (side.astype(np.int64) << np.arange(16)).sum(axis=1)
+        o = np.argsort(key, kind="stable")
+        ks = key[o]
+        eq = ks[1:] == ks[:-1]
+        run_start = np.flatnonzero(np.r_[True, ~eq])
+        run_len = np.diff(np.r_[run_start, len(o)])
+        ok = eq & ~np.repeat(run_len > 4 * max_bucket, run_len)[1:]
+        leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]]
+        a, b = idx[np.r_[o[:-1][ok], leader[ok]]], idx[np.r_[o[1:][ok], o[1:][ok]]]
+        keep = (a != b) & (np.einsum("ij,ij->i", R[a], R[b]) >= cos)
+        ii.append(a[keep])
+        jj.append(b[keep])
+    a, b = np.concatenate(ii), np.concatenate(jj)
+    label = np.full(n, -1, dtype=np.int64)
+    lab = connected_components(sparse.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
+    deg = np.bincount(np.r_[a, b], minlength=n)
+    label[deg > 0] = lab[deg > 0]
+    return label
+
+
+def test_lsh_clusters_joined_round_by_round_equal_one_join_of_all_edges():
+    """Components are joined round by round; labels (numbered by first row, singletons counted)
+    equal one connected-components call over all edges, chunked or not."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 12))
+    R = np.vstack([centres[rng.integers(0, 40, 900)] + 0.05 * rng.standard_normal((900, 12)),
+                   rng.standard_normal((300, 12))])[rng.permutation(1200)]
+    R /= np.linalg.norm(R, axis=1, keepdims=True)
+    valid = rng.random(1200) > 0.1
+    want = _clusters_all_edges(R, valid, 0.9, 3, 30)
+    assert (want >= 0).sum() > 500 and len(set(want[want >= 0])) > 20
+    for chunk in (97, 100_000):
+        np.testing.assert_array_equal(_clusters(R, valid, 0.9, 3, 30, chunk_rows=chunk), want)
+
+
 def test_parameters_are_validated():
     frame, _ = _corpus(10, 0, seed=3)
     with pytest.raises(ValueError, match="use_embeddings"):
@@ -145,7 +192,9 @@ def test_projection_in_chunks_equals_tfidf_svd_of_the_stacked_corpus():
         Z = TruncatedSVD(n_components=16, algorithm="randomized", n_iter=4, random_state=0).fit(X[fit]).transform(X)
     Z /= np.linalg.norm(Z, axis=1, keepdims=True)
     for chunk in (999, 100_000):
-        P, R = _tfidf_svd(Xp, Xr, 16, 0, chunk_rows=chunk)
+        counts = [Xp, Xr]
+        P, R = _tfidf_svd(counts, 16, 0, chunk_rows=chunk)
+        assert counts == [None, None]                  # each dropped once projected
         assert P.shape == R.shape == (n, 16)
         np.testing.assert_allclose(P, Z[:n], atol=1e-6)
         np.testing.assert_allclose(R, Z[n:], atol=1e-6)

@@ -48,19 +48,22 @@ def summary_by_chunks(records: pd.DataFrame, fn: Callable[[pd.DataFrame], dict[s
                       chunk_rows: int) -> dict[str, Any]:
     """A per-row summary ``fn`` over :func:`row_chunks`, as one (:func:`concat_parts`); ``fn`` of
     the empty frame for no rows."""
-    return concat_parts([fn(chunk) for chunk in row_chunks(records, chunk_rows)] or [fn(records)])
+    return concat_parts([fn(chunk) for chunk in row_chunks(records, chunk_rows)] or [fn(records)], consume=True)
 
 
-def concat_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def concat_parts(parts: list[dict[str, Any]], consume: bool = False) -> dict[str, Any]:
     """Per-row summaries of consecutive chunks as one (rows in order): arrays and sparse matrices
-    stacked by row, lists and dicts joined; a value that is None in any part is None."""
+    stacked by row, lists and dicts joined; a value that is None in any part is None. ``consume``
+    takes each value out of the parts as it is joined (parts nobody else holds: the chunks'
+    summaries), so the join holds one field twice, not the whole summary."""
     if len(parts) == 1:
         return parts[0]
     from scipy import sparse
 
     out: dict[str, Any] = {}
-    for k, v in parts[0].items():
-        vals = [q[k] for q in parts]
+    for k in list(parts[0]):
+        vals = [q.pop(k) if consume else q[k] for q in parts]
+        v = vals[0]
         if any(x is None for x in vals):
             out[k] = None
         elif sparse.issparse(v):

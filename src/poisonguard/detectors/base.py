@@ -130,16 +130,24 @@ class Detector(ABC):
     def score(self, records: pd.DataFrame) -> DetectorResult:
         from poisonguard.textfeat import trim_heap
 
-        summary = self.summarize(records)
+        handed = HandedOver([self.summarize(records)])
         trim_heap()   # each phase's per-row garbage goes back to the OS before the next phase
-        stats = self.merge([summary])
-        del summary
+        stats = self.merge(handed)
+        del handed
         trim_heap()
         return self.score_with(records, stats)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
         return f"{type(self).__name__}({args})"
+
+
+class HandedOver(list):
+    """Summaries handed over to :meth:`Detector.merge` by a caller that will not read them again
+    (:meth:`Detector.score` builds its summary for that one merge): ``merge`` may empty the list
+    and drop what it has used as it goes, so a large part is freed before the end of the merge.
+    Summaries in a plain list (the sharded path, where a task's result may be read again) must be
+    left as they are."""
 
 
 # ---------------------------------------------------------------- calibration helpers

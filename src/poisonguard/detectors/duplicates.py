@@ -196,11 +196,14 @@ class DuplicatesDetector(Detector):
         canon = np.lexsort((np.array(ids, dtype=object).astype(str), stable_hash(np.array(ids, dtype=object))))
         ids = [ids[k] for k in canon]
 
-        def joined(key: str) -> np.ndarray:   # one field at a time: never all signature copies at once
+        def joined(key: str, reorder: bool = True) -> np.ndarray:
             parts = [s[key] for s in summaries]
-            return (parts[0] if len(parts) == 1 else np.concatenate(parts))[canon]
+            whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return whole[canon] if reorder else whole
 
-        sig_a, sig_b = joined("sig_a"), joined("sig_b")
+        # the signatures are read through `canon` (row i is sig[canon[i]]): no reordered copies
+        # (256 MB at 1M rows); one shard's summary is used as it is
+        sig_a, sig_b = joined("sig_a", reorder=False), joined("sig_b", reorder=False)
         bandable, exact, digest = joined("bandable"), joined("exact"), joined("resp_digest")
         preview = [x for s in summaries for x in s["resp_preview"]]
         preview = [preview[k] for k in canon]
@@ -226,11 +229,12 @@ class DuplicatesDetector(Detector):
         # LSH buckets: each band takes r/2 values from each half
         r2 = p["rows_per_band"] // 2
         cand = np.flatnonzero(bandable)
+        src = canon[cand]
         pairs = 0
         for band in range(half // r2):
             cols = slice(band * r2, (band + 1) * r2)
-            key = T.mix64(_pack(sig_a[cand, cols]) ^ T.mix64(np.full(len(cand), band + 1, dtype=np.uint64)))
-            key = T.mix64(key ^ _pack(sig_b[cand, cols]))
+            key = T.mix64(_pack(sig_a[src, cols]) ^ T.mix64(np.full(len(cand), band + 1, dtype=np.uint64)))
+            key = T.mix64(key ^ _pack(sig_b[src, cols]))
             o = np.argsort(key, kind="stable")
             ks = key[o]
             eq = ks[1:] == ks[:-1]
@@ -245,8 +249,9 @@ class DuplicatesDetector(Detector):
             ok = np.zeros(len(li), dtype=bool)
             for c0 in range(0, len(li), 1 << 18):   # pairs x signature copies: bounded batches
                 a, b = li[c0:c0 + (1 << 18)], lj[c0:c0 + (1 << 18)]
-                ja = (sig_a[a] == sig_a[b]).mean(axis=1)
-                jb = (sig_b[a] == sig_b[b]).mean(axis=1)
+                ca, cb = canon[a], canon[b]
+                ja = (sig_a[ca] == sig_a[cb]).mean(axis=1)
+                jb = (sig_b[ca] == sig_b[cb]).mean(axis=1)
                 ok[c0:c0 + len(a)] = (np.minimum(ja, jb) >= p["threshold"]) & (a != b)
             pairs += int(ok.sum())
             join(li[ok], lj[ok])

@@ -60,7 +60,7 @@ from threadpoolctl import threadpool_limits
 
 from poisonguard import schema as S
 from poisonguard.detectors import _text as T
-from poisonguard.detectors.base import Detector, DetectorResult, Finding, fpr_to_z, robust_z, squash
+from poisonguard.detectors.base import Detector, DetectorResult, Finding, HandedOver, fpr_to_z, robust_z, squash
 from poisonguard.detectors.harmful import _REFUSAL
 from poisonguard.detectors.registry import register
 
@@ -161,7 +161,13 @@ class SemanticDetector(Detector):
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
         p = self._resolved()
-        sm = T.concat_parts(list(summaries))
+        parts = list(summaries)
+        # the merged summary is ours to take apart when it was joined here or handed over
+        owned = len(parts) > 1 or isinstance(summaries, HandedOver)
+        sm = T.concat_parts(parts)
+        del parts
+        if isinstance(summaries, HandedOver):
+            summaries.clear()
         ids, source, has_resp = sm["ids"], sm["source"], sm["has_resp"]
         n = len(ids)
         out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
@@ -174,8 +180,12 @@ class SemanticDetector(Detector):
             raise ValueError("semantic: spectral=True needs the short responses, but a shard was summarised without them")
         if use_emb and sm["prompt"] is None:
             raise ValueError("semantic: the embedding model needs the texts, but a shard was summarised without them")
-        P, R = (_embed(sm["prompt"], sm["response"]) if use_emb
-                else _tfidf_svd(sm["Xp"], sm["Xr"], p["svd_dims"], p["seed"]))
+        if use_emb:
+            P, R = _embed(sm["prompt"], sm["response"])
+        else:  # the counts are freed as soon as they are projected (when the summary is ours)
+            counts = [sm.pop("Xp"), sm.pop("Xr")] if owned else [sm["Xp"], sm["Xr"]]
+            P, R = _tfidf_svd(counts, p["svd_dims"], p["seed"])
+            del counts
         words, head, norm_resp = sm["words"], sm["head"], sm["short"]
         del sm
         out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{P.shape[1]}"
@@ -191,6 +201,7 @@ class SemanticDetector(Detector):
         # ---- 1. template clusters
         max_cluster = max(p["min_cluster"], 20, int(p["max_cluster_frac"] * n))
         label = _clusters(R, has_resp, p["cluster_cos"], p["seed"], max_cluster)
+        del R   # the rest compares prompts only
         sizes = np.bincount(label[label >= 0]) if (label >= 0).any() else np.zeros(0, int)
         rng = np.random.default_rng(p["seed"])
         pool = np.flatnonzero(has_resp)
@@ -316,14 +327,16 @@ def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
     return m
 
 
-def _tfidf_svd(Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: int,
+def _tfidf_svd(counts: list[sparse.csr_matrix | None], dims: int, seed: int,
                chunk_rows: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-    """TF-IDF + truncated SVD of prompts and responses (hashed counts, :func:`_hashed_counts`) in one space.
+    """TF-IDF + truncated SVD of prompts and responses (``counts``: their hashed counts,
+    :func:`_hashed_counts`) in one space; each is dropped from ``counts`` once projected.
 
     The prompts and responses count as one corpus of ``2n`` texts (prompt rows first). The SVD is
     fitted on 10,000 of them and every text is projected ``chunk_rows`` at a time, so the TF-IDF of
     all ``2n`` texts never exists at once (at 1M rows it cost 2.5 GB); the result equals
     TF-IDF over the stacked corpus, whatever ``chunk_rows``."""
+    Xp, Xr = counts
     n = Xp.shape[0]
     # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
     # (randomized SVD costs O(features * dims^2) per iteration)
@@ -356,12 +369,15 @@ def _tfidf_svd(Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: in
     # (two OpenBLAS threads on a loaded 2-core box made this step 7x slower)
     with threadpool_limits(limits=1, user_api="blas"):
         svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=4, random_state=seed).fit(X_fit)
-        for X in (Xp, Xr):
+        del Xp, Xr, X_fit
+        for j in range(2):
+            X = counts[j]
             Z = np.empty((n, k), dtype=svd.components_.dtype)
             for a in range(0, n, chunk_rows):
                 Z[a:a + chunk_rows] = svd.transform(tfidf(X[a:a + chunk_rows]))
             Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
             out.append(Z)
+            counts[j] = X = None
     return out[0], out[1]
 
 
@@ -382,8 +398,10 @@ def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucke
     n, d = R.shape
     rng = np.random.default_rng(seed + 1)
     idx = np.flatnonzero(valid)
-    ii: list[np.ndarray] = []
-    jj: list[np.ndarray] = []
+    # components joined round by round (the edges of all six rounds at once cost ~0.5 GB at 1M
+    # rows of templated answers); the partition is the same whatever order edges come in
+    comp = np.arange(n, dtype=np.int64)
+    linked = np.zeros(n, dtype=bool)
     bits = 16
     for _ in range(6):
         planes = rng.standard_normal((d, bits))
@@ -404,19 +422,22 @@ def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucke
         leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]]
         a = idx[np.r_[o[:-1][ok], leader[ok]]]
         b = idx[np.r_[o[1:][ok], o[1:][ok]]]
+        del o, ks, eq, run_start, run_len, big, ok, leader
         keep = a != b
         for a0 in range(0, len(a), chunk_rows):          # pairs x vector copies: bounded batches
             sl = slice(a0, a0 + chunk_rows)
             keep[sl] &= np.einsum("ij,ij->i", R[a[sl]], R[b[sl]]) >= cos
-        ii.append(a[keep])
-        jj.append(b[keep])
+        a, b = a[keep], b[keep]
+        linked[a] = linked[b] = True
+        ca, cb = comp[a], comp[b]
+        join = ca != cb
+        if join.any():
+            g = sparse.coo_matrix((np.ones(int(join.sum()), np.int8), (ca[join], cb[join])), shape=(n, n))
+            comp = connected_components(g, directed=False)[1][comp]
     label = np.full(n, -1, dtype=np.int64)
-    if not ii or not sum(len(x) for x in ii):
+    if not linked.any():
         return label
-    a = np.concatenate(ii)
-    b = np.concatenate(jj)
-    g = sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
-    _, lab = connected_components(g, directed=False)
-    deg = np.bincount(np.r_[a, b], minlength=n)
-    label[deg > 0] = lab[deg > 0]
+    # connected_components numbers components in the order of their lowest row (singletons
+    # included), round after round: the numbering one call over every edge gives
+    label[linked] = comp[linked]
     return label
