@@ -412,15 +412,26 @@ def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
                 setattr(p, name, None)
         return out[take]
 
+    new_row = np.empty(len(order), dtype=np.int64)
+    new_row[order] = np.arange(len(order), dtype=np.int64)
+
     def csr(ptr: str, *vals: str) -> tuple[np.ndarray, ...]:
-        lens = np.concatenate([np.diff(getattr(p, ptr)) for p in parts])
-        starts = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=starts[1:])
-        new_lens = lens[order]
+        # each part's values are written straight to their sorted places (gathering from a joined
+        # copy held the joined values, their sorted copy and an index as long as both)
+        lens_of = [np.diff(getattr(p, ptr)) for p in parts]
+        lens = np.concatenate(lens_of)
         indptr = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(new_lens, out=indptr[1:])
-        gather = _ranges(starts[:-1][order], new_lens)
-        return (indptr, *[cat(v, gather) for v in vals])
+        np.cumsum(lens[order], out=indptr[1:])
+        outs = [np.empty(int(indptr[-1]), dtype=np.result_type(*[getattr(p, v) for p in parts])) for v in vals]
+        row0 = 0
+        for p, pl in zip(parts, lens_of):
+            dest = _ranges(indptr[new_row[row0:row0 + len(pl)]], pl)
+            row0 += len(pl)
+            for out, v in zip(outs, vals):
+                out[dest] = getattr(p, v)
+                if consume:
+                    setattr(p, v, None)
+        return (indptr, *outs)
 
     n_ptr, n_key, n_turn, n_cont = csr("n_ptr", "n_key", "n_turn", "n_cont")
     w_ptr, w_hash, w_turn, w_intro = csr("w_ptr", "w_hash", "w_turn", "w_intro")
@@ -492,16 +503,27 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
         adds = sm.w_intro[idx_c] & (sm.w_turn[idx_c] > mem_turn[rep_c])
         idx_parts.append(idx_c[adds])
         rep_parts.append(rep_c[adds])
-    idx, rep = np.concatenate(idx_parts), np.concatenate(rep_parts)
-    del idx_parts, rep_parts
-    packed = ((sm.w_hash[idx] >> b) << b) | mem_g[rep].astype(np.uint64)
+    idx = np.concatenate(idx_parts)
+    del idx_parts
+    rep = np.concatenate(rep_parts)
+    del rep_parts
+    # (word feature << bits) | group, built in place: no temporaries as long as the incidences
+    packed = sm.w_hash[idx]
+    del idx
+    packed >>= b
+    packed <<= b
+    packed |= mem_g[rep].view(np.uint64)                     # group ids are >= 0
     order = tf.sort_index(packed)
     ps = packed[order]
+    del packed
+    rep = rep[order]                                         # members in sorted order
+    del order
     if len(ps) == 0:
         return _empty_stats(sm, info)
     run_start = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
     run_x = np.diff(np.r_[run_start, len(ps)])              # members of the group that add the word
     run_key = ps[run_start]
+    del ps
     run_f = run_key >> b
     run_g = (run_key & np.uint64((1 << bits) - 1)).astype(np.int64)
     run_m = g_size[run_g]
@@ -523,7 +545,7 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     inc_run = np.repeat(np.arange(len(run_start)), run_x)
     cand = (k >= int(det.min_groups)) & (both <= det.max_shared * touched)
     inc_sel = cand[run_word[inc_run]] & run_div[inc_run]
-    pair = np.unique(run_word[inc_run[inc_sel]].astype(np.int64) * (n + 1) + mem_row[rep[order[inc_sel]]])
+    pair = np.unique(run_word[inc_run[inc_sel]].astype(np.int64) * (n + 1) + mem_row[rep[inc_sel]])
     adding = np.bincount(pair // (n + 1), minlength=len(f_start))
     conc = adding / np.maximum(n_w, 1)
     info["candidate_words"] = int((k >= int(det.min_groups)).sum())
