@@ -563,8 +563,9 @@ def trim_heap() -> None:
     Per-row Python strings (a column of 1M texts, their encodings) are freed in many small pieces
     that glibc keeps for reuse; numpy's large arrays are separate mappings and cannot reuse them, so
     without a trim a long analysis carries GBs of idle heap in its RSS. Arrow (pandas' string
-    columns, every string kernel, the Parquet reader) allocates from its own pool (mimalloc), which
-    holds on to freed buffers the same way: reading 1M records leaves ~200 MB of it idle."""
+    columns, every string kernel, the Parquet reader) allocates from its own pool; its default,
+    mimalloc, holds on to freed buffers the same way (reading 1M records left ~200 MB idle), which
+    is why poisonguard selects the system allocator for it (``poisonguard/__init__.py``)."""
     pa.default_memory_pool().release_unused()
     global _LIBC
     if _LIBC is None:
