@@ -234,6 +234,7 @@ class LabelFlipDetector(Detector):
         ctx_all = np.concatenate([np.zeros(0, np.uint64)] + [
             tf.stable_hash(np.array([" ".join(str(t).lower().split()) for t in instr[ins_rows[lo:lo + _CHUNK]]],
                                     dtype=object)) for lo in range(0, len(ins_rows), _CHUNK)])
+        del instr
         cv, cc = tf.value_counts(ctx_all)
         # occurrences of every token in every row (the shared token table of the trigger and response
         # detectors, reused when cached): "rare in the whole data set" for the odd-token family;
@@ -244,8 +245,10 @@ class LabelFlipDetector(Detector):
         del pv, pc, rv, rc
         sel = np.zeros(0, dtype=np.int64)
         if len(ins_rows):
-            inp = pd.Series(tf.column(records, S.INPUT)[ins_rows], dtype=object).str.strip()
-            out = pd.Series(tf.column(records, S.OUTPUT)[ins_rows], dtype=object).str.strip()
+            # the input and output columns are read once (each is 1M Python strings at 1M rows)
+            inp_col, out_col = tf.column(records, S.INPUT), tf.column(records, S.OUTPUT)
+            inp = pd.Series(inp_col[ins_rows], dtype=object).str.strip()
+            out = pd.Series(out_col[ins_rows], dtype=object).str.strip()
             olen = out.str.len().to_numpy()
             ok = (inp.str.len().to_numpy() > 0) & (olen > 0) & (olen <= self.max_label_chars)
             if ok.any():
@@ -253,14 +256,15 @@ class LabelFlipDetector(Detector):
                 ok_idx = np.flatnonzero(ok)
                 ok[ok_idx[words > self.max_label_words]] = False
             sel = np.flatnonzero(ok)
+            del inp, out
         if len(sel) == 0:
             z = np.zeros(0, dtype=np.uint64)
             return _Summary(z, z.copy(), z.copy(), np.zeros(1, np.int64), z.copy(), cv, cc,
                             tok_values=tv, tok_counts=tc)
         rows = ins_rows[sel]
         ids = tf.column(records, S.ID)[rows]
-        outputs = tf.column(records, S.OUTPUT)[rows]
-        inputs = tf.column(records, S.INPUT)[rows]
+        outputs, inputs = out_col[rows], inp_col[rows]
+        del inp_col, out_col
         tok = tf.tokenize(list(inputs), max_chars=self.max_input_chars)
         vh, first = np.unique(tok.hashes, return_index=True)
         raw = tok.buf.tobytes()
