@@ -282,3 +282,15 @@ def test_a_runner_that_reorders_its_rows_gets_the_same_decisions(nights, tmp_pat
         pd.testing.assert_series_equal(r.flagged, res_b.results[k].flagged)
     pd.testing.assert_frame_equal(pd.read_parquet(a / incremental.LEDGER_FILE)[[S.CONTENT_HASH, *cols]],
                                   pd.read_parquet(b / incremental.LEDGER_FILE)[[S.CONTENT_HASH, *cols]])
+
+
+def test_an_empty_ledger_makes_every_row_new(nights):
+    """A ledger written from an empty delivery (same fingerprint): every row is new, none watched."""
+    _, night2, _ = nights
+    fp = incremental.fingerprint(CFG)
+    empty = pd.DataFrame({c: pd.Series([], dtype=float if c == S.SCORE else object)
+                          for c in incremental.LEDGER_COLUMNS})
+    led = incremental.Ledger(empty, {"fingerprint": fp, "runs_since_full": 0})
+    p = incremental.plan(night2, led, fp, INC.model_copy(update={"max_new_fraction": 1.0}))
+    assert p.mode == "incremental" and p.counts["new"] == len(night2) and p.counts["watched"] == 0
+    assert p.delta.all()

@@ -213,8 +213,8 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     n_new = int(new.sum())
     if n and n_new / n > inc.max_new_fraction:
         return full(f"{n_new} of {n} rows are new (more than max_new_fraction {inc.max_new_fraction})")
-    led_dec = ledger.table[S.DECISION].fillna(S.KEEP).to_numpy(dtype=object)
-    watched = is_old & (_severity(led_dec, 1)[np.maximum(lpos, 0)] != 0)
+    led_sev = _severity(ledger.table[S.DECISION].fillna(S.KEEP).to_numpy(dtype=object), 1)
+    watched = is_old & (led_sev[np.maximum(lpos, 0)] != 0) if len(led_sev) else np.zeros(n, dtype=bool)
     if keys is None:
         keys = prompt_keys(records)
     twins = np.zeros(n, dtype=bool)
