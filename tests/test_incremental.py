@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -214,16 +215,12 @@ def test_a_partial_view_adds_no_flags_of_its_own_to_old_rows(nights, tmp_path):
     assert poisoned <= set(res2.quarantine[S.ID])
 
 
-def _coarse_keys(arr) -> "np.ndarray":
+def _coarse_keys(arr) -> np.ndarray:
     """A deliberately bad 64-bit key (string length mod 3): nearly every key collides."""
-    import numpy as np
-
     return (np.asarray([len(x or "") for x in arr.to_pylist()]) % 3).astype(np.uint64)
 
 
 def test_hash_index_finds_the_first_row_of_each_string_and_never_a_wrong_one():
-    import numpy as np
-
     values = ["a", "bb", "a", "ccc", "dd", "bb", "e", ""]
     query = ["bb", "zz", "a", "", "ccc", "x", "e", "dd"]
     v, q = incremental._strings(pd.Series(values)), incremental._strings(pd.Series(query))
@@ -241,8 +238,6 @@ def test_ledger_table_keeps_the_most_severe_row_per_content_hash(nights):
     """The ledger written from tonight's decisions: one entry per content hash, the most severe
     decision (the first such row), most severe first, then in row order; the same with keys
     that collide (grouped on the strings then)."""
-    import numpy as np
-
     _, night2, _ = nights
     recs = pd.concat([night2.iloc[:40], night2.iloc[[3, 5, 5, 9]]], ignore_index=True)
     recs[S.ID] = [f"r{i}" for i in range(len(recs))]

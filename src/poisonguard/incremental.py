@@ -315,10 +315,9 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
     string indexes: at 1M rows every string look-up costs about half a second."""
     n = len(records)
     ids = pd.Index(records[S.ID], name=S.ID)
-    cols = [S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING]
     lpos = p.ledger_pos
     if lpos is None:
-        lpos = _HashIndex(_strings(ledger.table[S.CONTENT_HASH])).lookup(_strings(records[S.CONTENT_HASH]))
+        raise ValueError("_complete needs an incremental plan (it carries each record's ledger row)")
     # each record's row in the delta run's result (-1: not in the delta)
     delta_rows = np.flatnonzero(p.delta)
     dpos = np.full(n, -1, dtype=np.int64)

@@ -564,10 +564,7 @@ def trim_heap() -> None:
     that glibc keeps for reuse; numpy's large arrays are separate mappings and cannot reuse them, so
     without a trim a long analysis carries GBs of idle heap in its RSS. Arrow (pandas' string
     columns, every string kernel, the Parquet reader) allocates from its own pool; its default,
-    mimalloc, holds on to freed buffers the same way (reading 1M records left ~200 MB idle). (The
-    system allocator for Arrow, ``ARROW_DEFAULT_MEMORY_POOL=system``, lowered the single-process
-    peak at 1M rows by ~190 MB more but raised the Dask run's by 240 MB per process and 1.4 GB in
-    all: measured, not made the default.)"""
+    mimalloc, holds on to freed buffers the same way (reading 1M records left ~200 MB idle)."""
     pa.default_memory_pool().release_unused()
     global _LIBC
     if _LIBC is None:
