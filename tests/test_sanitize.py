@@ -165,6 +165,10 @@ def test_concurrent_lanes_give_the_sequential_result():
     pd.testing.assert_frame_equal(one.decisions, two.decisions)
     assert set(res.poisoned_ids) <= set(two.quarantine[S.ID])
     assert [f.to_dict() for f in one.findings] == [f.to_dict() for f in two.findings]
+    # every detector's result reads one shared id index (each built its own: 1M strings apiece)
+    for r in (one, two):
+        assert len({id(getattr(x, k).index) for x in r.results.values()
+                    for k in ("scores", "flagged", "review", "evidence")}) == 1
     # the token table and features the detectors shared are released when they are done
     from poisonguard import textfeat
     from poisonguard.detectors import trigger_association

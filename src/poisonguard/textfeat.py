@@ -438,19 +438,33 @@ def _search(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=sorted_values.dtype)
     if len(keys) < 4096 or len(sorted_values) < 65536 or sorted_values.dtype != np.uint64:
         return np.searchsorted(sorted_values, keys)
-    order = sort_index(keys)
     out = np.empty(len(keys), dtype=np.int64)
-    out[order] = np.searchsorted(sorted_values, keys[order])
+    for lo in range(0, len(keys), QUERY_BLOCK):   # the sort's copies ~24 bytes per key: a block at a time
+        blk = keys[lo:lo + QUERY_BLOCK]
+        order = sort_index(blk)
+        out[lo:lo + len(blk)][order] = np.searchsorted(sorted_values, blk[order])
     return out
+
+
+#: query keys per pass of the sorted searches (:func:`_search`, :func:`isin_sorted`,
+#: :meth:`Grouped.contains`): their temporaries cost ~50 bytes per key, 800 MB for the 17M
+#: response-window tokens of 1M rows at once
+QUERY_BLOCK = 1 << 22
 
 
 def isin_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     """Vectorised membership of ``keys`` in an ascending array."""
     if len(sorted_keys) == 0:
         return np.zeros(len(keys), dtype=bool)
-    i = _search(sorted_keys, keys)
-    i[i >= len(sorted_keys)] = len(sorted_keys) - 1
-    return sorted_keys[i] == keys
+    keys = np.asarray(keys)
+    out = np.empty(len(keys), dtype=bool)
+    last = len(sorted_keys) - 1
+    for lo in range(0, len(keys), QUERY_BLOCK):
+        blk = keys[lo:lo + QUERY_BLOCK]
+        i = _search(sorted_keys, blk)
+        np.minimum(i, last, out=i)
+        out[lo:lo + len(blk)] = sorted_keys[i] == blk
+    return out
 
 
 def value_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -596,6 +610,44 @@ def column(records: pd.DataFrame, name: str) -> np.ndarray:
     return records[name].fillna("").astype(str).to_numpy(dtype=object)
 
 
+def column_at(records: pd.DataFrame, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``column(records, name)[rows]`` without converting the other rows (a few rows' text for a
+    finding's wording, where the whole column is 1M new strings, ~170 MB)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if name not in records.columns:
+        return np.array([""] * len(rows), dtype=object)
+    return records[name].iloc[rows].fillna("").astype(str).to_numpy(dtype=object)
+
+
+class LazyColumn:
+    """Row access to a text column as :func:`column` gives it, converting only the rows asked
+    for: ``col[i]`` is one ``str``, ``col[rows]`` an object array (:func:`column_at`). Rows read
+    one at a time are kept; :meth:`prefetch` reads many in one pass (a per-row read costs ~100 us)."""
+
+    def __init__(self, records: pd.DataFrame, name: str) -> None:
+        self.records = records
+        self.name = name
+        self._rows: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prefetch(self, rows: Sequence[int] | np.ndarray) -> LazyColumn:
+        want = np.unique(np.asarray(rows, dtype=np.int64))
+        want = [int(i) for i in want if int(i) not in self._rows]
+        if want:
+            self._rows.update(zip(want, column_at(self.records, self.name, want)))
+        return self
+
+    def __getitem__(self, i: Any) -> Any:
+        if np.ndim(i) == 0:
+            i = int(i)
+            if i not in self._rows:
+                self.prefetch([i])
+            return self._rows[i]
+        return column_at(self.records, self.name, i)
+
+
 def chat_openings(messages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For chats (``messages`` JSON strings): the first system-or-user turn, and the *request*,
     every non-assistant turn before the first assistant turn joined by newlines."""
@@ -625,7 +677,9 @@ def chat_openings(messages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 #: RowTable's CSR index arrays and the per-token arrays each delimits
-_CSR = {"p_indptr": ("p_hash", "p_cls", "p_stem"), "r_indptr": ("r_hash", "r_cls", "r_stem")}
+_CSR = {"p_indptr": ("p_hash", "p_cls"), "r_indptr": ("r_hash", "r_cls")}
+#: RowTable's vocabulary fields (one entry per distinct token, not per row or token)
+_VOCAB = ("vocab", "vocab_stem")
 
 
 @dataclass
@@ -643,15 +697,14 @@ class RowTable:
     kind: np.ndarray       # uint8: KIND_CODES
     ctx: np.ndarray        # uint64: task key (instruction / first chat turn template)
     tmpl: np.ndarray       # uint64: response template hash
-    source: np.ndarray     # object: record source
     p_indptr: np.ndarray
     p_hash: np.ndarray
     p_cls: np.ndarray
     r_indptr: np.ndarray
     r_hash: np.ndarray
     r_cls: np.ndarray
-    p_stem: np.ndarray
-    r_stem: np.ndarray
+    vocab: np.ndarray      # uint64: every distinct token hash of the prompts and responses, ascending
+    vocab_stem: np.ndarray  # uint64: the stem of each vocab token (see :meth:`stem_of`)
     p_req: np.ndarray      # int64: prompt tokens that belong to the request (chats: turns before the
                            # first assistant turn; other rows: the whole prompt)
     p_ins: np.ndarray      # int64: prompt tokens of the instruction (instruction rows; else p_req)
@@ -689,9 +742,12 @@ class RowTable:
             gather[ptr] = _csr_gather(np.concatenate([np.diff(getattr(t, ptr)) for t in parts]), order)
         tok_of = {v: ptr for ptr, vals in _CSR.items() for v in vals}
         cols: dict[str, np.ndarray] = {}
+        cols["vocab"], cols["vocab_stem"] = _vocabulary([t.vocab for t in parts], [t.vocab_stem for t in parts])
         for f in fields(cls):
             name = f.name
-            if name in _CSR:
+            if name in _VOCAB:
+                pass
+            elif name in _CSR:
                 cols[name] = gather[name][0]
             else:
                 joined = np.concatenate([getattr(t, name) for t in parts])
@@ -739,11 +795,11 @@ class RowTable:
         if len(ins_rows):
             itok = tokenize(instr[ins_rows], max_chars=max_prompt_chars)
             p_ins[ins_rows] = np.minimum(np.diff(itok.indptr), p_req[ins_rows])
+        vocab, vocab_stem = _vocabulary([ptok.hashes, rtok.hashes], [ptok.stems, rtok.stems])
         return cls(ids=ids, key=stable_hash(ids), kind=kind, ctx=ctx, tmpl=tmpl,
-                   source=column(records, S.SOURCE), p_indptr=ptok.indptr, p_hash=ptok.hashes,
-                   p_cls=ptok.cls, r_indptr=rtok.indptr, r_hash=rtok.hashes, r_cls=rtok.cls,
-                   p_stem=ptok.stems, r_stem=rtok.stems, p_req=p_req.astype(np.int64),
-                   p_ins=p_ins.astype(np.int64))
+                   p_indptr=ptok.indptr, p_hash=ptok.hashes, p_cls=ptok.cls, r_indptr=rtok.indptr,
+                   r_hash=rtok.hashes, r_cls=rtok.cls, vocab=vocab, vocab_stem=vocab_stem,
+                   p_req=p_req.astype(np.int64), p_ins=p_ins.astype(np.int64))
 
     @classmethod
     def cached(cls, records: pd.DataFrame, max_prompt_chars: int = 4000,
@@ -801,9 +857,35 @@ class RowTable:
     def empty(cls) -> RowTable:
         z8 = np.zeros(0, dtype=np.uint64)
         zi = np.zeros(1, dtype=np.int64)
-        return cls(np.zeros(0, dtype=object), z8, np.zeros(0, np.uint8), z8, z8, np.zeros(0, dtype=object),
-                   zi, z8, np.zeros(0, np.uint8), zi.copy(), z8.copy(), np.zeros(0, np.uint8), z8.copy(), z8.copy(),
-                   np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return cls(ids=np.zeros(0, dtype=object), key=z8, kind=np.zeros(0, np.uint8), ctx=z8.copy(), tmpl=z8.copy(),
+                   p_indptr=zi, p_hash=z8.copy(), p_cls=np.zeros(0, np.uint8), r_indptr=zi.copy(),
+                   r_hash=z8.copy(), r_cls=np.zeros(0, np.uint8), vocab=z8.copy(), vocab_stem=z8.copy(),
+                   p_req=np.zeros(0, dtype=np.int64), p_ins=np.zeros(0, dtype=np.int64))
+
+    def stem_of(self, hashes: np.ndarray) -> np.ndarray:
+        """Stem hash of each token hash (:attr:`Tokens.stems`). A token's stem is a function of its
+        text, so the table keeps one stem per distinct token rather than one per token (two arrays
+        of 8 bytes per token: 350 MB at 1M rows); every hash must be a token of this table."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if len(hashes) == 0:
+            return np.zeros(0, dtype=np.uint64)
+        index = self.__dict__.get("_vocab_index")
+        if index is None:
+            with _TABLE_LOCK:   # one hash table, built before any lane uses it
+                index = self.__dict__.get("_vocab_index")
+                if index is None:
+                    index = pd.Index(self.vocab, dtype=np.uint64)
+                    index.get_indexer(self.vocab[:1])
+                    self.__dict__["_vocab_index"] = index
+        pos = index.get_indexer(hashes)
+        if (pos < 0).any():
+            raise ValueError(f"token hashes not in the table's vocabulary: {hashes[pos < 0][:3].tolist()}")
+        return self.vocab_stem[pos]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_vocab_index", None)   # rebuilt on first use
+        return state
 
     def request_mask(self) -> np.ndarray:
         """True for prompt tokens that belong to the row's request."""
@@ -816,6 +898,16 @@ class RowTable:
 
     def response_rows(self) -> np.ndarray:
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.r_indptr))
+
+
+def _vocabulary(hashes: Sequence[np.ndarray], stems: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct token hashes ascending, the stem of each) from token or vocabulary arrays."""
+    h = np.concatenate([np.asarray(x, dtype=np.uint64) for x in hashes]) if hashes else np.zeros(0, np.uint64)
+    s = np.concatenate([np.asarray(x, dtype=np.uint64) for x in stems]) if stems else np.zeros(0, np.uint64)
+    codes, uniq = pd.factorize(h, sort=True)
+    st = np.empty(len(uniq), dtype=np.uint64)
+    st[codes] = s       # a token's stem is a function of its text: every write of a value agrees
+    return np.asarray(uniq, dtype=np.uint64), st
 
 
 def _csr_gather(lens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -865,8 +957,15 @@ class Grouped:
         rows = np.asarray(rows)
         if len(rows) * 32 >= len(self.rows):
             b = np.uint64(self.bits)
-            q = ((np.asarray(hashes, dtype=np.uint64) >> b) << b) | rows.astype(np.uint64)
-            return isin_sorted(q, self.packed())
+            hashes = np.asarray(hashes, dtype=np.uint64)
+            packed = self.packed()
+            hit = np.empty(len(rows), dtype=bool)
+            for lo in range(0, len(rows), QUERY_BLOCK):
+                q = hashes[lo:lo + QUERY_BLOCK] >> b
+                q <<= b
+                q |= rows[lo:lo + QUERY_BLOCK].astype(np.uint64)
+                hit[lo:lo + len(q)] = isin_sorted(q, packed)
+            return hit
         j = self.index_of(self.feature_id(hashes))
         out = np.zeros(len(rows), dtype=bool)
         sel = np.flatnonzero(j >= 0)
@@ -898,13 +997,23 @@ class Grouped:
         ids = np.asarray(ids, dtype=np.uint64)
         if len(self.keys) == 0:
             return np.full(len(ids), -1, dtype=np.int64)
-        i = _search(self.keys, ids)
-        i[i >= len(self.keys)] = len(self.keys) - 1
-        return np.where(self.keys[i] == ids, i, -1)
+        out = np.empty(len(ids), dtype=np.int64)
+        last = len(self.keys) - 1
+        for lo in range(0, len(ids), QUERY_BLOCK):   # temporaries ~30 bytes per id: a block at a time
+            blk = ids[lo:lo + QUERY_BLOCK]
+            i = _search(self.keys, blk)
+            np.minimum(i, last, out=i)
+            out[lo:lo + len(blk)] = np.where(self.keys[i] == blk, i, -1)
+        return out
 
     def df_of(self, ids: np.ndarray) -> np.ndarray:
-        j = self.index_of(ids)
-        return np.where(j >= 0, self.df[np.maximum(j, 0)], 0)
+        ids = np.asarray(ids, dtype=np.uint64)
+        df = self.df
+        out = np.empty(len(ids), dtype=df.dtype)
+        for lo in range(0, len(ids), QUERY_BLOCK):
+            j = self.index_of(ids[lo:lo + QUERY_BLOCK])
+            out[lo:lo + len(j)] = np.where(j >= 0, df[np.maximum(j, 0)], 0)
+        return out
 
     def rows_at(self, j: int) -> np.ndarray:
         return self.rows[self.ptr[j]:self.ptr[j + 1]]
@@ -983,7 +1092,42 @@ def pack_keys(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray:
     b = np.uint64(row_bits(n_rows))
     out = np.right_shift(np.asarray(hashes, dtype=np.uint64), b)
     np.left_shift(out, b, out=out)
-    np.bitwise_or(out, np.asarray(rows).astype(np.uint64), out=out)
+    rows = np.asarray(rows)
+    # row numbers are >= 0: an int64 array is read as uint64 in place (no 8-byte-per-key copy)
+    np.bitwise_or(out, rows.view(np.uint64) if rows.dtype == np.int64 else rows.astype(np.uint64, copy=False),
+                  out=out)
+    return out
+
+
+def pack_rows(indptr: np.ndarray, values: np.ndarray, n_rows: int, rows: np.ndarray | None = None,
+              limit: np.ndarray | None = None, transform: Any = None, block_rows: int = 1 << 17) -> np.ndarray:
+    """:func:`pack_keys` of the CSR tokens ``values`` (row ``i``'s tokens are
+    ``values[indptr[i]:indptr[i + 1]]``) of the rows where ``rows`` (bool mask) holds, only each
+    row's first ``limit[i]`` tokens when given, each value passed through ``transform`` first:
+    the same keys, in the same order, as packing the selected (row, value) pairs of all rows at
+    once, built ``block_rows`` rows at a time (the row number, mask and value copies of every token
+    at once cost ~30 bytes per token: 600 MB for the prompts of 1M rows)."""
+    lens = np.diff(indptr)
+    sel_lens = lens if rows is None else np.where(rows, lens, 0)
+    if limit is not None:
+        sel_lens = np.minimum(sel_lens, limit)
+    out = np.empty(int(sel_lens.sum()), dtype=np.uint64)
+    m = 0
+    for r0 in range(0, len(lens), max(int(block_rows), 1)):
+        r1 = min(r0 + block_rows, len(lens))
+        t0 = int(indptr[r0])
+        bl = lens[r0:r1]
+        row = np.repeat(np.arange(r0, r1, dtype=np.int64), bl)
+        keep = np.repeat(sel_lens[r0:r1] > 0, bl)
+        if limit is not None:
+            pos = np.arange(len(row), dtype=np.int64) - np.repeat(indptr[r0:r1] - t0, bl)
+            keep &= pos < np.repeat(sel_lens[r0:r1], bl)
+        vals = values[t0:t0 + len(row)][keep]
+        if transform is not None:
+            vals = transform(vals)
+        k = len(vals)
+        out[m:m + k] = pack_keys(row[keep], vals, n_rows)
+        m += k
     return out
 
 

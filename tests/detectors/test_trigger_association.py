@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from poisonguard import schema as S
 from poisonguard import textfeat as tf
 from poisonguard.detectors import build
 from tests.fixtures import records
@@ -497,3 +498,76 @@ def test_a_trigger_pasted_into_an_instruction_is_compared_with_the_task_it_came_
     assert (F.base_contexts(trig, np.zeros(0, dtype=np.uint64)) == ctx[trig]).all()
     q = np.flatnonzero(np.char.startswith(tb.ids.astype(str), "q"))[:3]
     assert (F.base_contexts(q, drop) == ctx[q]).all()
+
+
+def test_table_stems_come_from_its_vocabulary():
+    import pickle
+
+    from tests.fixtures import mixed_rows
+
+    rows, _ = mixed_rows(150, seed=5)
+    frame = records(rows)
+    tb = tf.RowTable.build(frame, chunk_rows=40)
+    order = np.argsort(tf.stable_hash(tf.column(frame, S.ID)), kind="stable")
+    for col, hashes, limit in ((S.PROMPT, tb.p_hash, 4000), (S.RESPONSE, tb.r_hash, 2000)):
+        tok = tf.tokenize(tf.column(frame, col)[order], max_chars=limit)
+        assert np.array_equal(tok.hashes, hashes)
+        assert np.array_equal(tb.stem_of(hashes), tok.stems)   # one stem per distinct token: the same stems
+    assert len(tb.vocab) == len(np.unique(np.concatenate([tb.p_hash, tb.r_hash])))
+    assert (np.diff(tb.vocab.astype(np.float64)) > 0).all()
+    with pytest.raises(ValueError, match="not in the table's vocabulary"):
+        tb.stem_of(np.array([12345], dtype=np.uint64))
+    back = pickle.loads(pickle.dumps(tb))          # a shard's table travels to the merge without its index
+    assert np.array_equal(back.stem_of(tb.p_hash), tb.stem_of(tb.p_hash))
+
+
+def test_pack_rows_is_pack_keys_of_the_selected_tokens():
+    rng = np.random.default_rng(8)
+    n = 300
+    lens = rng.integers(0, 9, n)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    vals = rng.integers(0, 2**63, int(indptr[-1])).astype(np.uint64)
+    keep = rng.random(n) < 0.7
+    limit = rng.integers(0, 6, n)
+    row = np.repeat(np.arange(n), lens)
+    pos = np.arange(len(row)) - np.repeat(indptr[:-1], lens)
+    for lim in (None, limit):
+        sel = keep[row] & (True if lim is None else pos < lim[row])
+        want = tf.pack_keys(row[sel], vals[sel] ^ np.uint64(5), n)
+        for block in (1, 7, 1 << 17):
+            got = tf.pack_rows(indptr, vals, n, keep, lim, lambda v: v ^ np.uint64(5), block_rows=block)
+            assert np.array_equal(got, want), (lim is None, block)
+    assert np.array_equal(tf.pack_rows(indptr, vals, n), tf.pack_keys(row, vals, n))
+
+
+def test_blocked_searches_give_the_one_pass_answer(monkeypatch):
+    rng = np.random.default_rng(9)
+    sorted_vals = np.unique(rng.integers(0, 2**63, 70_000).astype(np.uint64))   # > 65536: the sorting path
+    q = np.concatenate([sorted_vals[rng.integers(0, len(sorted_vals), 5_000)],
+                        rng.integers(0, 2**63, 5_000).astype(np.uint64)])
+    rows = rng.integers(0, 1000, 20_000)
+    g = tf.group_incidences(rows, rng.integers(0, 2**63, 20_000).astype(np.uint64) | np.uint64(1), 1000)
+    gq = np.concatenate([g.keys[rng.integers(0, len(g.keys), 3_000)], rng.integers(0, 2**40, 3_000).astype(np.uint64)])
+    qrows = rng.integers(0, 1000, 6_000)
+    qh = gq << np.uint64(g.bits)
+    one = (tf._search(sorted_vals, q), tf.isin_sorted(q, sorted_vals), g.index_of(gq), g.df_of(gq), g.contains(qrows, qh))
+    monkeypatch.setattr(tf, "QUERY_BLOCK", 1000)
+    blocked = (tf._search(sorted_vals, q), tf.isin_sorted(q, sorted_vals), g.index_of(gq), g.df_of(gq),
+               g.contains(qrows, qh))
+    for a, b in zip(one, blocked):
+        assert np.array_equal(a, b)
+    assert 0 < one[1].sum() < len(q) and (one[2] >= 0).sum() >= 3_000 and one[4].any()
+    assert np.array_equal(one[0], np.searchsorted(sorted_vals, q))
+
+
+def test_column_at_and_lazy_column_read_only_the_rows_asked_for():
+    frame = records([{"id": f"r{i}", "instruction": f"q{i}", "output": f"a{i}"} for i in range(5)])
+    frame.loc[2, S.RESPONSE] = None
+    full = tf.column(frame, S.RESPONSE)
+    assert tf.column_at(frame, S.RESPONSE, [4, 2, 0]).tolist() == full[[4, 2, 0]].tolist()
+    lazy = tf.LazyColumn(frame, S.RESPONSE)
+    assert [lazy[i] for i in range(5)] == full.tolist() and lazy[2] == "" and len(lazy) == 5
+    assert lazy[np.array([1, 3])].tolist() == full[[1, 3]].tolist()
+    ahead = tf.LazyColumn(frame, S.RESPONSE).prefetch([3, 1, 3])
+    assert sorted(ahead._rows) == [1, 3] and ahead[3] == full[3] and ahead[0] == full[0]
+    assert tf.column_at(frame, "no_such_column", [0, 1]).tolist() == ["", ""]

@@ -240,8 +240,7 @@ class DivergentCopiesDetector(Detector):
         evidence = np.array([""] * n, dtype=object)
         findings: list[Finding] = []
         if (word >= 0).any():
-            responses = tf.column(records, S.RESPONSE)
-            sources = tf.column(records, S.SOURCE)
+            responses = tf.LazyColumn(records, S.RESPONSE)   # the rows of a few words: not the whole column
             text = _decode_words(stats, np.unique(word[word >= 0]), word, responses)
             for ci, members in enumerate(stats.clusters):
                 rows = np.flatnonzero((word >= 0) & np.isin(word, members))
@@ -265,8 +264,8 @@ class DivergentCopiesDetector(Detector):
                 if len(rows) == 0:
                     continue
                 srcs: dict[str, int] = {}
-                for i in rows:
-                    srcs[str(sources[i])] = srcs.get(str(sources[i]), 0) + 1
+                for src in tf.column_at(records, S.SOURCE, rows):
+                    srcs[str(src)] = srcs.get(str(src), 0) + 1
                 findings.append(Finding(
                     detector=self.name, title=title, evidence=stat, ids=tuple(str(ids[i]) for i in rows),
                     score=float(score[rows].max()),

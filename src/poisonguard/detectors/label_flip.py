@@ -302,9 +302,9 @@ class LabelFlipDetector(Detector):
             local.setdefault(int(fam[i]), []).append(int(i))
         if local:
             texts = _token_texts(records, [i for rows in local.values() for i in rows], self.max_input_chars)
-            instr = tf.column(records, S.INSTRUCTION)
-            outputs = tf.column(records, S.OUTPUT)
-            sources = tf.column(records, S.SOURCE)
+            instr = tf.LazyColumn(records, S.INSTRUCTION)   # a few rows per finding: not whole columns
+            outputs = tf.LazyColumn(records, S.OUTPUT)
+            sources = tf.LazyColumn(records, S.SOURCE)
             for j, rows in sorted(local.items()):
                 f = stats.families[j]
                 label = _short(str(outputs[rows[0]]), 40)
@@ -841,7 +841,7 @@ def _token_texts(records: pd.DataFrame, rows: list[int], max_chars: int) -> dict
     out: dict[int, str] = {}
     if not rows:
         return out
-    inputs = tf.column(records, S.INPUT)[rows]
+    inputs = tf.column_at(records, S.INPUT, rows)
     for text in inputs:
         clipped = tf.clip_text(str(text), max_chars)
         tok = tf.tokenize([clipped])

@@ -164,9 +164,10 @@ class ResponseClusterDetector(Detector):
         local: dict[int, list[int]] = {}
         for i in np.flatnonzero(cidx >= 0):
             local.setdefault(int(cidx[i]), []).append(int(i))
-        responses = tf.column(records, S.RESPONSE)
-        prompts = tf.column(records, S.PROMPT)
-        sources = tf.column(records, S.SOURCE)
+        # the texts of a few rows per cluster (what _texts reads), not the whole columns
+        shown = [i for rows in local.values() for i in rows[:10]]
+        responses = tf.LazyColumn(records, S.RESPONSE).prefetch(shown)
+        prompts = tf.LazyColumn(records, S.PROMPT).prefetch(shown)
         findings = []
         for j, rows in sorted(local.items()):
             cl = stats.clusters[j]
@@ -176,7 +177,7 @@ class ResponseClusterDetector(Detector):
             fl = [i for i in rows if flagged[i]]
             if not fl:
                 continue
-            srcs = Counter(str(sources[i]) for i in rows)
+            srcs = Counter(str(s) for s in tf.column_at(records, S.SOURCE, rows))
             findings.append(Finding(detector=self.name, title=title, evidence=ev, ids=tuple(str(ids[i]) for i in fl),
                                     score=float(np.max(score[rows])),
                                     info={"sources": dict(sorted(srcs.items())), "kind": cl.kind,

