@@ -173,3 +173,18 @@ def test_bad_params_fail():
         build("label_flip", target_fpr=0.7).score(records(mixed_rows(20)[0]))
     with pytest.raises(ValueError):
         build("label_flip", folds=1).score(records(mixed_rows(20)[0]))
+
+
+def test_input_tokens_in_chunks_equal_one_pass():
+    from poisonguard import textfeat as tf
+    from poisonguard.detectors.label_flip import _input_tokens
+
+    texts = np.array(["Zyx qwerty!", "", "qwerty zyx Zyx", "ü x\u200b y", "x"] * 7, dtype=object)
+    tok = tf.tokenize(list(texts), max_chars=50)
+    vh, first = np.unique(tok.hashes, return_index=True)
+    raw = tok.buf.tobytes()
+    vt = [raw[tok.starts[j]:tok.ends[j]].decode("utf-8", "replace") for j in first]
+    for chunk in (1, 3, 1000):
+        indptr, hashes, h, t = _input_tokens(texts, 50, chunk=chunk)
+        assert np.array_equal(indptr, tok.indptr) and np.array_equal(hashes, tok.hashes)
+        assert np.array_equal(h, vh) and t.tolist() == vt

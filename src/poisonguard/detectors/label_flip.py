@@ -226,51 +226,41 @@ class LabelFlipDetector(Detector):
     # ---------------------------------------------------------------- two-phase interface
     def summarize(self, records: pd.DataFrame) -> _Summary:
         self._check_params()
-        kind = tf.column(records, S.KIND)
-        is_ins = kind == S.KIND_INSTRUCTION
-        instr = tf.column(records, S.INSTRUCTION)
-        ins_rows = np.flatnonzero(is_ins)
-        # task keys 100k rows at a time (the normalised instructions of 1M rows at once cost ~200 MB)
-        ctx_all = np.concatenate([np.zeros(0, np.uint64)] + [
-            tf.stable_hash(np.array([" ".join(str(t).lower().split()) for t in instr[ins_rows[lo:lo + _CHUNK]]],
-                                    dtype=object)) for lo in range(0, len(ins_rows), _CHUNK)])
-        del instr
-        cv, cc = tf.value_counts(ctx_all)
-        # occurrences of every token in every row (the shared token table of the trigger and response
-        # detectors, reused when cached): "rare in the whole data set" for the odd-token family;
-        # prompt and response counted apart and summed (their 46M tokens joined at 1M rows cost 0.8 GB)
-        tb = tf.RowTable.cached(records, 4000, 1000)
-        (pv, pc), (rv, rc) = tf.value_counts(tb.p_hash), tf.value_counts(tb.r_hash)
-        tv, tc = _sum_counts([pv, rv], [pc, rc])
-        del pv, pc, rv, rc
-        sel = np.zeros(0, dtype=np.int64)
-        if len(ins_rows):
-            # the input and output columns are read once (each is 1M Python strings at 1M rows)
-            inp_col, out_col = tf.column(records, S.INPUT), tf.column(records, S.OUTPUT)
-            inp = pd.Series(inp_col[ins_rows], dtype=object).str.strip()
-            out = pd.Series(out_col[ins_rows], dtype=object).str.strip()
+        ins_rows = np.flatnonzero(tf.column_equals(records, S.KIND, S.KIND_INSTRUCTION))
+        # task keys, and which rows have an input and a short label, 100k rows at a time (each text
+        # column of 1M rows is ~1M new Python strings, 100-200 MB)
+        ctx_parts, sel_parts = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+        for lo in range(0, len(ins_rows), _CHUNK):
+            chunk = ins_rows[lo:lo + _CHUNK]
+            ctx_parts.append(tf.stable_hash(np.array([" ".join(str(t).lower().split())
+                                                      for t in tf.column_at(records, S.INSTRUCTION, chunk)],
+                                                     dtype=object)))
+            inp = pd.Series(tf.column_at(records, S.INPUT, chunk), dtype=object).str.strip()
+            out = pd.Series(tf.column_at(records, S.OUTPUT, chunk), dtype=object).str.strip()
             olen = out.str.len().to_numpy()
             ok = (inp.str.len().to_numpy() > 0) & (olen > 0) & (olen <= self.max_label_chars)
             if ok.any():
                 words = out[ok].str.split().str.len().to_numpy()
                 ok_idx = np.flatnonzero(ok)
                 ok[ok_idx[words > self.max_label_words]] = False
-            sel = np.flatnonzero(ok)
+            sel_parts.append(np.flatnonzero(ok) + lo)
             del inp, out
+        ctx_all = np.concatenate(ctx_parts)
+        sel = np.concatenate(sel_parts)
+        cv, cc = tf.value_counts(ctx_all)
+        # occurrences of every token in every row (the shared token table of the trigger and response
+        # detectors, reused when cached): "rare in the whole data set" for the odd-token family
+        tv, tc = tf.RowTable.cached(records, 4000, 1000).token_counts()
         if len(sel) == 0:
             z = np.zeros(0, dtype=np.uint64)
             return _Summary(z, z.copy(), z.copy(), np.zeros(1, np.int64), z.copy(), cv, cc,
                             tok_values=tv, tok_counts=tc)
         rows = ins_rows[sel]
-        ids = tf.column(records, S.ID)[rows]
-        outputs, inputs = out_col[rows], inp_col[rows]
-        del inp_col, out_col
-        tok = tf.tokenize(list(inputs), max_chars=self.max_input_chars)
-        vh, first = np.unique(tok.hashes, return_index=True)
-        raw = tok.buf.tobytes()
-        vt = np.array([raw[tok.starts[j]:tok.ends[j]].decode("utf-8", "replace") for j in first], dtype=object)
+        ids = tf.column_at(records, S.ID, rows)
+        outputs, inputs = tf.column_at(records, S.OUTPUT, rows), tf.column_at(records, S.INPUT, rows)
+        indptr, hashes, vh, vt = _input_tokens(inputs, self.max_input_chars)
         return _Summary(key=tf.stable_hash(ids), ctx=ctx_all[sel], tmpl=tf.template_hashes(list(outputs)),
-                        indptr=tok.indptr.astype(np.int64), hashes=tok.hashes,
+                        indptr=indptr, hashes=hashes,
                         ctx_values=cv, ctx_counts=cc, vocab_hash=vh, vocab_text=vt, tok_values=tv, tok_counts=tc)
 
     def merge(self, summaries: list[_Summary]) -> _Stats:
@@ -365,6 +355,28 @@ def _concat(summaries: list[_Summary]) -> _Summary:
     return _Summary(key[order], np.concatenate([s.ctx for s in summaries])[order],
                     np.concatenate([s.tmpl for s in summaries])[order], indptr, hashes[idx], cv, cc,
                     tok_values=tv, tok_counts=tc)
+
+
+def _input_tokens(inputs: np.ndarray, max_chars: int, chunk: int = 50_000
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Token CSR (indptr, hashes) of the inputs, and each distinct token's text at its first
+    occurrence (hashes ascending), tokenised ``chunk`` inputs at a time: a text's tokens do not
+    depend on the other texts, and the first occurrence of a token is in the first chunk holding
+    it (the byte-level arrays of 240k inputs at once cost ~400 MB)."""
+    ptrs, toks, heads, texts = [np.zeros(1, np.int64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], []
+    for lo in range(0, len(inputs), chunk):
+        tok = tf.tokenize([str(x) for x in inputs[lo:lo + chunk]], max_chars=max_chars)
+        ptrs.append(tok.indptr[1:].astype(np.int64) + int(ptrs[-1][-1]))
+        toks.append(tok.hashes)
+        vh, first = np.unique(tok.hashes, return_index=True)
+        raw = tok.buf.tobytes()
+        heads.append(vh)
+        texts.append(np.array([raw[tok.starts[j]:tok.ends[j]].decode("utf-8", "replace") for j in first], dtype=object))
+        del tok, raw
+    hv = np.concatenate(heads)
+    text = np.concatenate([np.zeros(0, dtype=object)] + texts)
+    vh, first = np.unique(hv, return_index=True)   # the earliest chunk's entry: the first occurrence
+    return np.concatenate(ptrs), np.concatenate(toks), vh, text[first]
 
 
 def _sum_counts(values: list[np.ndarray], counts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

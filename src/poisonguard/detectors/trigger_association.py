@@ -749,21 +749,26 @@ class _Features:
             self._vp_idf = np.log((self.n_resp + 1) / (df + 1)) + 1.0
         return self._vp
 
-    def projected(self, d: int = 32) -> np.ndarray:
-        """Gaussian random projection of the prompt vectors (rows x d), dot products preserved
+    def projection(self, d: int = 32) -> np.ndarray:
+        """Gaussian random projection (features x d) of the prompt vectors: dot products preserved
         in expectation; used to screen many candidate row sets for cohesion at once."""
-        if getattr(self, "_z", None) is None:
+        if getattr(self, "_proj", None) is None:
             V = self.prompt_vectors()
             rng = np.random.default_rng(12345)
             self._proj = (rng.standard_normal((V.shape[1], d)) / math.sqrt(d)).astype(np.float64)
-            self._z = np.asarray(V @ self._proj)
-        return self._z
+        return self._proj
+
+    def projected(self, rows: np.ndarray) -> np.ndarray:
+        """Projected prompt vectors of ``rows`` (len(rows) x d), computed per call: the rows of
+        ``V @ projection`` bit for bit (each output row sums its own nonzeros in the same order)
+        without keeping all rows' (1M x 32 floats: 256 MB through both trigger detectors)."""
+        return np.asarray(self.prompt_vectors()[rows] @ self.projection())
 
     def _projected_task_means(self) -> tuple[np.ndarray, np.ndarray]:
         """(task index of every row, mean projected prompt vector of every task's rows with a
         response), computed once."""
         if getattr(self, "_task_means", None) is None:
-            Z = self.projected()
+            Z = np.asarray(self.prompt_vectors() @ self.projection())   # all rows, once, not kept
             ctx_ids, ctx_inv = np.unique(self.ctx, return_inverse=True)
             hr = self.has_resp
             ccount = np.bincount(ctx_inv[hr], minlength=len(ctx_ids))
@@ -805,7 +810,6 @@ class _Features:
         return out
 
     def _cohesion_screen(self, groups: list[np.ndarray]) -> np.ndarray:
-        Z = self.projected()
         G = len(groups)
         out = np.zeros(G)
         self.prompt_vectors()
@@ -825,7 +829,7 @@ class _Features:
         # ... and words in (nearly) every row of the set, however common elsewhere: the block of
         # a long natural-sentence trigger is made of ordinary words ("with my friends last")
         pasted = ((c >= 0.5 * sizes[gg]) & (c >= 0.8 * df)) | (c >= 0.9 * sizes[gg])
-        zr = Z[rows].copy()
+        zr = self.projected(rows)
         if pasted.any():
             # subtract each pasted word's share of its row's projection (a sparse product: one
             # C loop, where np.add.at over (rows, d) is ~10x slower)
