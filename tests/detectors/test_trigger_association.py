@@ -519,6 +519,12 @@ def test_table_stems_come_from_its_vocabulary():
         tb.stem_of(np.array([12345], dtype=np.uint64))
     back = pickle.loads(pickle.dumps(tb))          # a shard's table travels to the merge without its index
     assert np.array_equal(back.stem_of(tb.p_hash), tb.stem_of(tb.p_hash))
+    values, counts = tf.value_counts(np.concatenate([tb.p_hash, tb.r_hash]))
+    got = tb.token_counts()
+    assert np.array_equal(got[0], values) and np.array_equal(got[1], counts)
+    kinds = tf.column(frame, S.KIND)
+    assert np.array_equal(tf.column_equals(frame, S.KIND, "chat"), kinds == "chat") and (kinds == "chat").any()
+    assert tf.column_equals(frame, "no_such_column", "").all()
 
 
 def test_pack_rows_is_pack_keys_of_the_selected_tokens():
