@@ -820,7 +820,8 @@ class RowTable:
 
         ids = column(records, S.ID)
         fp = (len(records), int(stable_hash(ids).sum(dtype=np.uint64)) if len(ids) else 0,
-              int(sum(len(str(x)) for x in column(records, S.PROMPT)[:: max(1, len(records) // 64)])),
+              int(sum(len(str(x)) for x in column_at(records, S.PROMPT, np.arange(0, len(records),
+                                                                   max(1, len(records) // 64))))),
               max_prompt_chars, max_response_chars)
         with _TABLE_LOCK:  # detectors may run in concurrent lanes
             hit = _TABLE_CACHE.get("last")

@@ -235,10 +235,11 @@ def _strength(k: int, n: int, tests: int) -> float:
 
 def _word_counts(tb: tf.RowTable) -> np.ndarray:
     """Word tokens per response (clipped text)."""
-    words = (tb.r_cls == tf.WORD).astype(np.int64)
-    c = np.zeros(len(words) + 1, dtype=np.int64)
+    words = tb.r_cls == tf.WORD
+    # running count in 32 bits while it fits (8 bytes per token twice was 400 MB at 1M rows)
+    c = np.zeros(len(words) + 1, dtype=np.int32 if len(words) < 2**31 else np.int64)
     np.cumsum(words, out=c[1:])
-    return c[tb.r_indptr[1:]] - c[tb.r_indptr[:-1]]
+    return c[tb.r_indptr[1:]].astype(np.int64) - c[tb.r_indptr[:-1]]
 
 
 def _task_rate(F: _Features, rows: np.ndarray) -> float:
