@@ -218,3 +218,34 @@ def test_summary_in_row_blocks_equals_one_block(monkeypatch):
     blocked = build("divergent_copies").score(frame)
     pd.testing.assert_series_equal(whole.scores, blocked.scores)
     assert _flags(blocked) == poisoned
+
+
+def test_summary_blocks_taken_from_chunked_columns_equal_one_block(monkeypatch):
+    import poisonguard.detectors.divergent_copies as dc
+
+    rows, poisoned = _agent_rows(20, seed=12, singletons=30)
+    frame = records(rows)
+    whole = build("divergent_copies").score(frame)
+    chunked = pd.concat([frame.iloc[i:i + 9] for i in range(0, len(frame), 9)])   # columns in chunks of 9 rows
+    monkeypatch.setattr(dc, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(dc, "_TAKE_WINDOW", 4)
+    monkeypatch.setattr(dc, "_WORD_BLOCK", 5)
+    monkeypatch.setattr(dc, "_MEMBER_BLOCK", 3)
+    blocked = build("divergent_copies").score(chunked)
+    pd.testing.assert_series_equal(whole.scores, blocked.scores)
+    assert list(whole.evidence) == list(blocked.evidence) and _flags(blocked) == poisoned
+
+
+def test_sort_helpers_match_numpy_and_textfeat(monkeypatch):
+    import poisonguard.detectors.divergent_copies as dc
+    from poisonguard import textfeat as tf
+
+    monkeypatch.setattr(dc, "_WORD_BLOCK", 5)
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 17, 1000):
+        key = rng.integers(0, 2**64, n, dtype=np.uint64)
+        key[::3] = key[0] if n else key[::3]
+        for k in (key, key >> np.uint64(40) << np.uint64(40)):
+            np.testing.assert_array_equal(dc._sort_index(k), tf.sort_index(k))
+            np.testing.assert_array_equal(dc._unique(k), np.unique(k))
+            np.testing.assert_array_equal(dc._unique(k.copy(), overwrite=True), np.unique(k))

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -105,17 +106,21 @@ _COUNT_SALT = np.uint64(77)
 class _Summary:
     """Per-row node keys and introduced words of one shard (CSR arrays, rows in shard order)."""
 
-    ids: np.ndarray          # object
     key: np.ndarray          # uint64 stable hash of the id
     has_resp: np.ndarray     # bool: the row has an assistant turn
     n_ptr: np.ndarray        # int64, len n + 1
     n_key: np.ndarray        # uint64 node key (conversation up to a non-assistant turn)
-    n_turn: np.ndarray       # int32 turn index of the node
+    n_turn: np.ndarray       # int (see _turn_dtype) turn index of the node
     n_cont: np.ndarray       # uint64 hash of the assistant turn that answers it
     w_ptr: np.ndarray        # int64, len n + 1
-    w_hash: np.ndarray       # uint64 distinct word of the row
-    w_turn: np.ndarray       # int32 turn of its first occurrence
-    w_intro: np.ndarray      # bool: that turn is an assistant turn (the row introduces the word)
+    # distinct word of the row: index into vocab (uint16 / int32 by its size: the uint64 hashes
+    # themselves were 190 MB of 24.7M words at 1M rows)
+    w_word: np.ndarray
+    # turn t of the word's first occurrence: t when that turn is an assistant turn (the row
+    # introduces the word), else ~t = -1 - t; int8 for max_turns <= 128 (was int32 and a bool
+    # array: 5 bytes per word, 120 MB of 24.7M words at 1M rows)
+    w_turn: np.ndarray
+    vocab: np.ndarray        # uint64 word hashes (in no particular order)
 
 
 @dataclass
@@ -280,23 +285,74 @@ class DivergentCopiesDetector(Detector):
 
 # ==================================================================== phase 1
 
-_BLOCK_ROWS = 50_000
-_MEMBER_BLOCK = 100_000
+_BLOCK_ROWS = 20_000
+_MEMBER_BLOCK = 25_000
+_WORD_BLOCK = 1 << 19
+_TAKE_WINDOW = 1 << 16
 
 
 def _summarize(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _Summary:
-    """Per-row summary, tokenised in blocks of rows (bounded memory on large shards)."""
+    """Per-row summary, tokenised in blocks of rows (bounded memory on large shards; 20k rows
+    hold ~150 MB of tokens at a time), rows in key order when there is more than one block."""
     if len(records) <= _BLOCK_ROWS:
         return _summarize_block(records, max_turns, max_turn_chars)
-    # blocks joined in key order (merge then takes the single summary as it is), each block's
-    # arrays freed as they are joined; row_chunks gives each block's turn texts back to the OS
-    blocks = [_summarize_block(b, max_turns, max_turn_chars) for b in T.row_chunks(records, _BLOCK_ROWS)]
+    key = np.concatenate([tf.stable_hash(tf.column(c, S.ID)) for c in T.row_chunks(records, _BLOCK_ROWS)])
+    order = np.argsort(key, kind="stable")
+    # a block is a run of rows in key order (taken in row order), so joining the blocks in key
+    # order (merge then takes the single summary as it is) puts each in its own stretch of the
+    # result and frees it as it goes; blocks of consecutive rows were scattered over the whole
+    # result, every page of which was resident while the blocks still were (+420 MB at 1M rows)
+    cols = records[[c for c in (S.KIND, S.PROMPT, S.RESPONSE, S.MESSAGES) if c in records.columns]]
+    windows = _windows(cols)
+    blocks = []
+    for lo in range(0, len(records), _BLOCK_ROWS):
+        rows = np.sort(order[lo:lo + _BLOCK_ROWS])
+        blocks.append(_summarize_block(_take(cols, rows, windows), max_turns, max_turn_chars, key[rows]))
+        tf.trim_heap()   # the block's turn texts
     return _concat(blocks, consume=True)
 
 
-def _summarize_block(records: pd.DataFrame, max_turns: int, max_turn_chars: int) -> _Summary:
-    ids = tf.column(records, S.ID)
-    n = len(ids)
+def _windows(frame: pd.DataFrame) -> np.ndarray:
+    """Row bounds of windows that each lie within one chunk of every Arrow-backed column (chunks
+    under ``_TAKE_WINDOW`` rows joined)."""
+    cuts = {0, len(frame)}
+    for c in frame.columns:
+        arrow = getattr(frame[c].array, "__arrow_array__", None)
+        chunks = getattr(arrow(), "chunks", None) if arrow is not None else None
+        if chunks:
+            cuts.update(np.cumsum([len(ch) for ch in chunks]).tolist())
+    out = [0]
+    for c in sorted(cuts)[1:]:
+        if c - out[-1] >= _TAKE_WINDOW or c == len(frame):
+            out.append(c)
+    return np.array(out, dtype=np.int64)
+
+
+def _take(frame: pd.DataFrame, rows: np.ndarray, windows: np.ndarray) -> pd.DataFrame:
+    """``frame.iloc[rows]`` (ascending rows) a window of rows at a time: pandas' take of an Arrow
+    string column joins all its chunks first (~120 MB per text column and block at 1M rows; fixed
+    windows across chunk bounds: 2.2 s of copying)."""
+    bounds = np.searchsorted(rows, windows)
+    parts = [frame.iloc[w0:w1].iloc[rows[a:b] - w0]
+             for w0, w1, a, b in zip(windows[:-1], windows[1:], bounds[:-1], bounds[1:]) if b > a]
+    return pd.concat(parts) if len(parts) > 1 else parts[0] if parts else frame.iloc[:0]
+
+
+def _code_dtype(n_words: int) -> type:
+    """Integer type of an index into a vocabulary of ``n_words``."""
+    return np.uint16 if n_words <= 1 << 16 else np.int32 if n_words < 1 << 31 else np.int64
+
+
+def _turn_dtype(max_turns: int) -> type:
+    """Smallest integer type of a turn index and its complement (turns are < max_turns)."""
+    return np.int8 if max_turns <= 1 << 7 else np.int16 if max_turns <= 1 << 15 else np.int32
+
+
+def _summarize_block(records: pd.DataFrame, max_turns: int, max_turn_chars: int,
+                     key: np.ndarray | None = None) -> _Summary:
+    if key is None:
+        key = tf.stable_hash(tf.column(records, S.ID))   # the ids themselves are not kept (65 MB at 1M rows)
+    n = len(key)
     t_row, t_idx, t_role, texts = _turns(records, max_turns)
     tok = tf.tokenize(texts, max_chars=max_turn_chars)
     n_turns = len(texts)
@@ -336,10 +392,14 @@ def _summarize_block(records: pd.DataFrame, max_turns: int, max_turn_chars: int)
     np.cumsum(np.bincount(w_row, minlength=n), out=w_ptr[1:])
     has_resp = np.zeros(n, dtype=bool)
     has_resp[t_row[t_role == 1]] = True
-    return _Summary(ids=ids, key=tf.stable_hash(ids), has_resp=has_resp, n_ptr=n_ptr, n_key=n_key,
-                    n_turn=t_idx[nodes].astype(np.int32), n_cont=n_cont, w_ptr=w_ptr,
-                    w_hash=tok.hashes[first], w_turn=t_idx[t_of_tok[first]].astype(np.int32),
-                    w_intro=t_role[t_of_tok[first]] == 1)
+    codes, vocab = pd.factorize(tok.hashes[first])   # a hash table: 5 ms per 500k words, a sort 20
+    w_tt = t_of_tok[first]
+    w_turn = t_idx[w_tt]
+    np.invert(w_turn, out=w_turn, where=t_role[w_tt] != 1)       # ~turn: not introduced by the row
+    dt = _turn_dtype(max_turns)
+    return _Summary(key=key, has_resp=has_resp, n_ptr=n_ptr, n_key=n_key, n_turn=t_idx[nodes].astype(dt),
+                    n_cont=n_cont, w_ptr=w_ptr, w_word=codes.astype(_code_dtype(len(vocab))),
+                    w_turn=w_turn.astype(dt), vocab=vocab)
 
 
 def _turns(records: pd.DataFrame, max_turns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -397,8 +457,8 @@ def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
     if not parts:
         z = np.zeros(0, dtype=np.uint64)
         zp = np.zeros(1, dtype=np.int64)
-        return _Summary(np.zeros(0, dtype=object), z, np.zeros(0, bool), zp, z, np.zeros(0, np.int32), z,
-                        zp.copy(), z.copy(), np.zeros(0, np.int32), np.zeros(0, bool))
+        return _Summary(z, np.zeros(0, bool), zp, z, np.zeros(0, np.int8), z, zp.copy(), np.zeros(0, np.uint16),
+                        np.zeros(0, np.int8), z.copy())
     key = np.concatenate([p.key for p in parts])
     order = np.argsort(key, kind="stable")
     if len(parts) == 1 and bool((order == np.arange(len(order))).all()):
@@ -414,6 +474,13 @@ def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
     new_row = np.empty(len(order), dtype=np.int64)
     new_row[order] = np.arange(len(order), dtype=np.int64)
 
+    # one vocabulary: each part's word indices mapped into the union of the parts' words
+    vocab = _unique(np.concatenate([p.vocab for p in parts]))
+    remap = [np.searchsorted(vocab, p.vocab).astype(_code_dtype(len(vocab))) for p in parts]
+    if consume:
+        for p in parts:
+            p.vocab = None
+
     def csr(ptr: str, *vals: str) -> tuple[np.ndarray, ...]:
         # each part's values are written straight to their sorted places (gathering from a joined
         # copy held the joined values, their sorted copy and an index as long as both)
@@ -421,21 +488,25 @@ def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
         lens = np.concatenate(lens_of)
         indptr = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens[order], out=indptr[1:])
-        outs = [np.empty(int(indptr[-1]), dtype=np.result_type(*[getattr(p, v) for p in parts])) for v in vals]
+        outs = [np.empty(int(indptr[-1]), dtype=remap[0].dtype if v == "w_word" else
+                         np.result_type(*[getattr(p, v) for p in parts])) for v in vals]
         row0 = 0
-        for p, pl in zip(parts, lens_of):
+        for p, pl, rm in zip(parts, lens_of, remap):
             dest = _ranges(indptr[new_row[row0:row0 + len(pl)]], pl)
             row0 += len(pl)
             for out, v in zip(outs, vals):
-                out[dest] = getattr(p, v)
+                out[dest] = rm[p.w_word] if v == "w_word" else getattr(p, v)
                 if consume:
                     setattr(p, v, None)
+            if consume:
+                # the part's arrays (a few MB each) sit in the heap, not in mappings of their own:
+                # without a trim they stay resident next to the result (+100 MB at 1M rows)
+                tf.trim_heap()
         return (indptr, *outs)
 
     n_ptr, n_key, n_turn, n_cont = csr("n_ptr", "n_key", "n_turn", "n_cont")
-    w_ptr, w_hash, w_turn, w_intro = csr("w_ptr", "w_hash", "w_turn", "w_intro")
-    return _Summary(cat("ids", order), key[order], cat("has_resp", order),
-                    n_ptr, n_key, n_turn, n_cont, w_ptr, w_hash, w_turn, w_intro)
+    w_ptr, w_word, w_turn = csr("w_ptr", "w_word", "w_turn")
+    return _Summary(key[order], cat("has_resp", order), n_ptr, n_key, n_turn, n_cont, w_ptr, w_word, w_turn, vocab)
 
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -487,64 +558,76 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     info["groups"] = G
     if G == 0 or n_resp == 0:
         return _empty_stats(sm, info)
-    info["rows_in_groups"] = int(len(np.unique(mem_row)))
+    info["rows_in_groups"] = int(len(_unique(mem_row)))
+    tf.trim_heap()   # _groups' temporaries
     bits = tf.row_bits(G)
     b = np.uint64(bits)
-    # words each member adds: introduced after its group's node (so not in the shared prompt);
-    # members a block at a time (every member's words at once cost ~1 GB at 1M rows)
-    w_lens = np.diff(sm.w_ptr)
-    idx_parts, rep_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    # words each member adds: introduced after its group's node (so not in the shared prompt; the
+    # w_turn of a word the row did not introduce is < 0), as (word feature << bits) | group;
+    # members a block at a time (every member's words at once cost ~1 GB at 1M rows), written
+    # into arrays sized for all their words, of which only the pages written become resident
+    # (parts and their join held the 4M incidences of 1M rows twice)
+    rep_dt = np.int32 if len(mem_row) < 1 << 31 else np.int64
+    v_feat = sm.vocab >> b                                   # per vocabulary word: feature << bits
+    v_feat <<= b
+    mem_lens = sm.w_ptr[mem_row + 1] - sm.w_ptr[mem_row]
+    packed = np.empty(int(mem_lens.sum()), dtype=np.uint64)
+    rep = np.empty(len(packed), dtype=rep_dt)
+    w = 0
     for lo in range(0, len(mem_row), _MEMBER_BLOCK):
-        mr = mem_row[lo:lo + _MEMBER_BLOCK]
-        lens = w_lens[mr]
-        idx_c = _ranges(sm.w_ptr[mr], lens)
-        rep_c = np.repeat(np.arange(lo, lo + len(mr), dtype=np.int64), lens)
-        adds = sm.w_intro[idx_c] & (sm.w_turn[idx_c] > mem_turn[rep_c])
-        idx_parts.append(idx_c[adds])
-        rep_parts.append(rep_c[adds])
-    idx = np.concatenate(idx_parts)
-    del idx_parts
-    rep = np.concatenate(rep_parts)
-    del rep_parts
-    # (word feature << bits) | group, built in place: no temporaries as long as the incidences
-    packed = sm.w_hash[idx]
-    del idx
-    packed >>= b
-    packed <<= b
-    packed |= mem_g[rep].view(np.uint64)                     # group ids are >= 0
-    order = tf.sort_index(packed)
+        lens = mem_lens[lo:lo + _MEMBER_BLOCK]
+        idx_c = _ranges(sm.w_ptr[mem_row[lo:lo + _MEMBER_BLOCK]], lens)
+        rep_c = np.repeat(np.arange(lo, lo + len(lens), dtype=np.int64), lens)
+        adds = sm.w_turn[idx_c] > mem_turn[rep_c]
+        idx_c, rep_c = idx_c[adds], rep_c[adds]
+        pk = packed[w:w + len(idx_c)]
+        np.take(v_feat, sm.w_word[idx_c], out=pk, mode="clip")   # valid indices: "raise" buffers a copy
+        pk |= mem_g[rep_c].view(np.uint64)                   # group ids are >= 0
+        rep[w:w + len(idx_c)] = rep_c
+        w += len(idx_c)
+    del mem_lens, idx_c, rep_c, adds, v_feat
+    packed, rep = packed[:w], rep[:w]
+    order = _sort_index(packed)
     ps = packed[order]
     del packed
     rep = rep[order]                                         # members in sorted order
     del order
+    tf.trim_heap()   # the sort's temporaries
     if len(ps) == 0:
         return _empty_stats(sm, info)
+    # runs of one (word, group); per-run arrays int32 where they fit (max_group, G): 1.5M runs at 1M rows
     run_start = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
-    run_x = np.diff(np.r_[run_start, len(ps)])              # members of the group that add the word
-    run_key = ps[run_start]
-    del ps
-    run_f = run_key >> b
-    run_g = (run_key & np.uint64((1 << bits) - 1)).astype(np.int64)
-    run_m = g_size[run_g]
-    run_div = run_x < run_m
+    run_x = np.diff(np.r_[run_start, len(ps)]).astype(rep_dt)   # members of the group that add the word
+    run_f = ps[run_start]
+    del ps, run_start
+    run_g = (run_f & np.uint64((1 << bits) - 1)).astype(rep_dt)
+    run_f >>= b
+    run_div = run_x < g_size[run_g]
     # per word (runs are sorted by word)
     f_start = np.flatnonzero(np.r_[True, run_f[1:] != run_f[:-1]])
     f_end = np.r_[f_start[1:], len(run_f)]
     f_keys = run_f[f_start]
+    del run_f
     k = np.add.reduceat(run_div.astype(np.int64), f_start)
     both = np.add.reduceat((~run_div).astype(np.int64), f_start)
     touched = k + both
     # rows that introduce each word anywhere (also outside groups)
-    intro_at = np.flatnonzero(sm.w_intro)
-    intro_feat = sm.w_hash[intro_at] >> b
-    vals, counts = tf.value_counts(intro_feat)
-    n_w = tf.lookup(vals, counts, f_keys)
-    # distinct rows on the adding side of a divergent group, per word
-    run_word = np.repeat(np.arange(len(f_start)), f_end - f_start)
-    inc_run = np.repeat(np.arange(len(run_start)), run_x)
+    n_w = _intro_counts(sm, f_keys, b)
+    # distinct rows on the adding side of a divergent group, per word (selected a run at a time:
+    # the run of every incidence cost 64 MB at 1M rows)
     cand = (k >= int(det.min_groups)) & (both <= det.max_shared * touched)
-    inc_sel = cand[run_word[inc_run]] & run_div[inc_run]
-    pair = np.unique(run_word[inc_run[inc_sel]].astype(np.int64) * (n + 1) + mem_row[rep[inc_sel]])
+    run_sel = np.repeat(cand, f_end - f_start)
+    run_sel &= run_div
+    rep = rep[np.repeat(run_sel, run_x)]
+    words_sel = np.repeat(np.arange(len(f_start), dtype=np.int64), f_end - f_start)[run_sel]
+    words_sel *= n + 1
+    pair = np.repeat(words_sel, run_x[run_sel])
+    del words_sel, run_sel
+    for lo in range(0, len(pair), _WORD_BLOCK):
+        pair[lo:lo + _WORD_BLOCK] += mem_row[rep[lo:lo + _WORD_BLOCK]]
+    del rep
+    pair = _unique(pair, overwrite=True)
+    tf.trim_heap()   # the selection's temporaries
     adding = np.bincount(pair // (n + 1), minlength=len(f_start))
     conc = adding / np.maximum(n_w, 1)
     info["candidate_words"] = int((k >= int(det.min_groups)).sum())
@@ -558,8 +641,10 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     glens = np.diff(sm.w_ptr)[g_row]
     gidx = _ranges(sm.w_ptr[g_row], glens)
     grep = np.repeat(np.arange(G, dtype=np.int64), glens)
-    inp = sm.w_turn[gidx] <= g_turn[grep]
-    gp_g, gp_h = grep[inp], sm.w_hash[gidx[inp]]
+    g_wt = sm.w_turn[gidx].astype(np.int64)
+    np.invert(g_wt, out=g_wt, where=g_wt < 0)                # the turn, introduced or not
+    inp = g_wt <= g_turn[grep]
+    gp_g, gp_h = grep[inp], sm.vocab[sm.w_word[gidx[inp]]]
     gp_ptr = np.zeros(G + 1, dtype=np.int64)
     np.cumsum(np.bincount(gp_g, minlength=G), out=gp_ptr[1:])
     index = tf.group_incidences(gp_g, gp_h, G)
@@ -603,10 +688,9 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     row_sets: list[np.ndarray] = []
     sig = np.flatnonzero(ok)
     sig = sig[np.argsort(-strength[sig], kind="stable")]
-    for fi in sig:
+    for fi, intro_rows in zip(sig, _intro_rows(sm, f_keys[sig], b)):
         f = f_keys[fi]
         add_rows = pair[pair // (n + 1) == fi] % (n + 1)
-        intro_rows = np.unique(np.searchsorted(sm.w_ptr, intro_at[intro_feat == f], side="right") - 1)
         sl = slice(f_start[fi], f_end[fi])
         shared_g = run_g[sl][~run_div[sl]]
         in_shared = mem_row[np.isin(mem_g, shared_g)] if len(shared_g) else np.zeros(0, np.int64)
@@ -641,6 +725,69 @@ def _analyse(sm: _Summary, det: DivergentCopiesDetector) -> _Stats:
     info["words"] = len(words)
     info["flagged_rows"] = int((word >= 0).sum())
     return _Stats(sm.key, np.clip(score, 0, 1), word, side, words, clusters, bits, info)
+
+
+def _unique(x: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """``np.unique`` of an integer array by a sort (numpy's hash-based unique took 4.6 s on the
+    3.3M adding incidences of 1M rows, a sort 0.2 s); ``overwrite``: sort ``x`` itself."""
+    if overwrite:
+        x.sort()
+    s = x if overwrite else np.sort(x)
+    if len(s) > 1:
+        s = s[np.r_[True, s[1:] != s[:-1]]]
+    return s
+
+
+def _intro_hits(sm: _Summary, u: np.ndarray, b: np.uint64) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, positions after it, index in ``u``; -1: none) of the introduced words whose feature
+    is in ``u`` (ascending, distinct), a block of words at a time (all introduced words' features
+    at once: 180 MB at 1M rows)."""
+    if len(u) == 0:
+        return
+    f = sm.vocab >> b
+    jv = np.searchsorted(u, f)                               # per vocabulary word
+    np.minimum(jv, len(u) - 1, out=jv)
+    jv[u[jv] != f] = -1
+    for lo in range(0, len(sm.w_word), _WORD_BLOCK):
+        pos = np.flatnonzero(sm.w_turn[lo:lo + _WORD_BLOCK] >= 0)
+        yield lo, pos, jv[sm.w_word[lo:lo + _WORD_BLOCK][pos]]
+
+
+def _intro_counts(sm: _Summary, feats: np.ndarray, b: np.uint64) -> np.ndarray:
+    """Introduced words (rows) of each feature of ``feats``."""
+    u = _unique(feats)
+    n = np.zeros(len(u) + 1, dtype=np.int64)
+    for _, _, j in _intro_hits(sm, u, b):
+        n += np.bincount(j + 1, minlength=len(u) + 1)
+    return n[1:][np.searchsorted(u, feats)]
+
+
+def _intro_rows(sm: _Summary, feats: np.ndarray, b: np.uint64) -> list[np.ndarray]:
+    """Rows (ascending) that introduce each feature of ``feats``."""
+    u = _unique(feats)
+    pos_parts, j_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for lo, pos, j in _intro_hits(sm, u, b):
+        hit = j >= 0
+        pos_parts.append(pos[hit] + lo)
+        j_parts.append(j[hit])
+    pos, j = np.concatenate(pos_parts), np.concatenate(j_parts)
+    rows = np.searchsorted(sm.w_ptr, pos, side="right") - 1
+    return [_unique(rows[j == x]) for x in np.searchsorted(u, feats)]
+
+
+def _sort_index(key: np.ndarray) -> np.ndarray:
+    """:func:`tf.sort_index` with its temporaries in place (peak 2 copies of ``key``, was 5)."""
+    n = len(key)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits = np.uint64(max(int(n - 1).bit_length(), 1))
+    p = key >> bits
+    p <<= bits
+    for lo in range(0, n, _WORD_BLOCK):
+        p[lo:lo + _WORD_BLOCK] |= np.arange(lo, min(lo + _WORD_BLOCK, n), dtype=np.uint64)
+    p.sort()
+    p &= np.uint64((1 << int(bits)) - 1)
+    return p.view(np.int64)
 
 
 def _typical(touched: np.ndarray, gp_h: np.ndarray, gp_ptr: np.ndarray) -> np.ndarray:
