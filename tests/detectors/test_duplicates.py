@@ -146,3 +146,46 @@ def test_summary_is_the_same_in_any_chunks():
         for k, v in whole.items():
             assert np.array_equal(np.asarray(part[k]), np.asarray(v)), (chunk, k)
     assert len(det.merge([whole])["groups"]) >= 10
+
+
+def test_summary_keeps_each_signature_preview_and_source_once():
+    frame, _ = _planted(2)
+    s = build("duplicates").summarize(frame, chunk_rows=40)
+    for table in ("sig_a", "sig_b", "resp_preview", "source"):
+        values = [tuple(v) for v in s[table]] if s[table].ndim == 2 else list(s[table])
+        assert len(set(values)) == len(values), table
+        rows = s[table + "_row"]
+        assert len(rows) == len(frame) and set(rows.tolist()) == set(range(len(values))), table
+    # 150 prompts and the repeated "Translate to French."; 100 inputs and the empty one
+    assert len(s["sig_a"]) == 151 and len(s["sig_b"]) == 101
+
+
+def test_summary_is_exact_when_value_hashes_collide(monkeypatch):
+    import poisonguard.detectors.duplicates as dup
+
+    frame, _ = _planted(3)
+    det = build("duplicates")
+    want = det.summarize(frame, chunk_rows=60)
+    monkeypatch.setattr(dup, "_pack", lambda block: np.zeros(len(block), np.uint64))
+    monkeypatch.setattr(dup.pd.util, "hash_array", lambda values, **kw: np.zeros(len(values), np.uint64))
+    got = det.summarize(frame, chunk_rows=60)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert np.array_equal(np.asarray(got[k]), np.asarray(v)), k
+
+
+def test_strings_that_are_not_utf8_are_kept_as_objects():
+    import pandas as pd
+
+    with pd.option_context("future.infer_string", False):
+        frame, poisoned = _planted(4)
+        frame = frame.astype({c: object for c in ("response", "source")})
+        frame.loc[frame.index[0], "response"] = "lone \ud800 surrogate"
+        det = build("duplicates")
+        whole = det.score(frame)
+        shards = [frame.iloc[:150], frame.iloc[150:]]
+        stats = det.merge([det.summarize(s, chunk_rows=70) for s in shards])
+        parts = [det.score_with(s, stats) for s in shards]
+    assert np.concatenate([p.scores.to_numpy() for p in parts]).tolist() == whole.scores.tolist()
+    assert [e for p in parts for e in p.evidence] == whole.evidence.tolist()
+    assert set(whole.flagged[whole.flagged].index) >= set(poisoned) - {frame.iloc[0]["id"]}

@@ -18,11 +18,15 @@ Method
   Broder 1997 "On the resemblance and containment of documents"; LSH banding per Leskovec,
   Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3. Multiply-shift hashing replaces
   explicit permutations.
-* Two-phase: ``summarize`` computes per-shard band keys, signatures and response digests;
+* Two-phase: ``summarize`` computes per-shard signatures, exact-prompt keys and response digests;
   ``merge`` joins candidate pairs from the global band buckets, verifies them by the estimated
   Jaccard of *both* halves (``>= threshold``) and takes connected components as groups;
   ``score_with`` scores each shard's rows against the global groups. One file and many shards
   give the same answer.
+* Memory: a summary keeps each distinct signature, response preview and source once, with a
+  row -> value index, and ids as a numpy string array (at 1M rows of repeated task instructions
+  ~230 MB instead of ~580 MB as per-row arrays and Python strings); the merged statistics keep
+  only the rows with a positive margin and the groups they are in.
 * Responses agree when their normalised text is identical or their token-set Jaccard is at
   least ``response_agreement``; a minority answer only counts when its Jaccard with the
   consensus is below ``disagreement``. In a group of ``n`` copies with largest agreeing cluster ``m``,
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,7 +62,7 @@ from scipy.sparse.csgraph import connected_components
 
 from poisonguard import schema as S
 from poisonguard.detectors import _text as T
-from poisonguard.detectors.base import Detector, DetectorResult, Finding
+from poisonguard.detectors.base import Detector, DetectorResult, Finding, HandedOver
 from poisonguard.detectors.registry import register
 
 _PREVIEW = 240
@@ -140,39 +145,55 @@ class DuplicatesDetector(Detector):
     # ---------------------------------------------------------------- phase 1: per shard
     def summarize(self, records: pd.DataFrame, chunk_rows: int = 100_000) -> dict[str, Any]:
         # row by row, so in chunks (the token and shingle arrays of 1M texts at once cost GBs)
-        return T.summary_by_chunks(records, self._summarize_chunk, chunk_rows)
+        parts = [self._summarize_chunk(chunk) for chunk in T.row_chunks(records, chunk_rows)]
+        return _joined(parts or [self._summarize_chunk(records)], canonical=True)
 
     def _summarize_chunk(self, records: pd.DataFrame) -> dict[str, Any]:
+        """One chunk's summary. Signatures, previews and sources are tables of distinct values
+        with a row -> table index: at 1M rows of repeated task instructions the per-row
+        signatures were 256 MB, the Python strings ~300 MB (see :func:`_joined`)."""
         p = self._resolved()
         n = len(records)
-        ids = [str(x) for x in T.ids_of(records)]
-        kind = T.col(records, S.KIND)
-        is_ins = kind == S.KIND_INSTRUCTION
-        prompt = T.col(records, S.PROMPT)
-        part_a = np.where(is_ins, T.col(records, S.INSTRUCTION), prompt)
-        part_b = np.where(is_ins, T.col(records, S.INPUT), prompt)
         half = p["num_perm"] // 2
         mult = T.minhash_params(p["num_perm"], p["seed"])
-        sig_a = np.empty((n, half), np.uint32)
-        sig_b = np.empty((n, half), np.uint32)
-        ins = np.flatnonzero(is_ins)
-        other = np.flatnonzero(~is_ins)
+        ids = _strings([str(x) for x in T.ids_of(records)])
+        is_ins = T.col(records, S.KIND) == S.KIND_INSTRUCTION
+        ins, other = np.flatnonzero(is_ins), np.flatnonzero(~is_ins)
+        part_a, part_b = np.empty(n, dtype=object), np.empty(n, dtype=object)
         if ins.size:
-            sig_a[ins] = self._signature([part_a[i] for i in ins], mult[:half], p["max_tokens"])
-            sig_b[ins] = self._signature([part_b[i] for i in ins], mult[half:], p["max_tokens"])
+            part_a[ins] = _col_at(records, S.INSTRUCTION, ins)
+            part_b[ins] = _col_at(records, S.INPUT, ins)
         if other.size:       # one text: both halves come from the same shingles
-            sig = self._signature([prompt[i] for i in other], mult, p["max_tokens"])
-            sig_a[other], sig_b[other] = sig[:, :half], sig[:, half:]
+            part_a[other] = part_b[other] = _col_at(records, S.PROMPT, other)
+        # a signature depends on its text only: each distinct text is hashed once (MinHash columns
+        # are independent, so half the multipliers give half of a full signature)
+        code_a, uniq_a = pd.factorize(part_a)
+        code_b, uniq_b = pd.factorize(part_b)
+        del part_a, part_b
+        sig_a = self._signature(list(uniq_a), mult[:half], p["max_tokens"])
+        sig_b = self._signature(list(uniq_b), mult[half:], p["max_tokens"])
         # an empty input is its own value: all rows without input agree on the B half
-        empty_b = np.array([not str(x).strip() for x in part_b], dtype=bool)
-        sig_b[empty_b & is_ins] = np.uint32(0)
-        no_a = (sig_a == np.uint32(0xFFFFFFFF)).all(axis=1)
-        exact = T.digest64(T.norm(a) + ("\x1f" + T.norm(b) if ins else "")
-                           for a, b, ins in zip(part_a, part_b, is_ins))
-        resp = [T.norm(r) for r in T.col(records, S.RESPONSE)]
-        return {"ids": ids, "sig_a": sig_a, "sig_b": sig_b, "bandable": ~no_a, "exact": exact,
-                "resp_digest": T.digest64(resp), "resp_preview": [r[:_PREVIEW] for r in resp],
-                "source": [str(s) for s in T.col(records, S.SOURCE)]}
+        row_b = code_b
+        empty_b = is_ins & np.array([not str(x).strip() for x in uniq_b], dtype=bool)[code_b]
+        if empty_b.any():
+            row_b = np.where(empty_b, len(sig_b), code_b)
+            sig_b = np.vstack([sig_b, np.zeros((1, half), np.uint32)])
+        bandable = ~(sig_a == np.uint32(0xFFFFFFFF)).all(axis=1)[code_a]
+        # exact key per distinct (A, B) pair; rows of other kinds have no B part
+        nb = len(uniq_b)
+        code_ab, uniq_ab = pd.factorize(code_a.astype(np.int64) * (nb + 1) + np.where(is_ins, code_b, nb))
+        norm_a, norm_b = [T.norm(a) for a in uniq_a], [T.norm(b) for b in uniq_b]
+        exact = T.digest64(norm_a[k // (nb + 1)] + ("\x1f" + norm_b[k % (nb + 1)] if k % (nb + 1) < nb else "")
+                           for k in uniq_ab.tolist())[code_ab]
+        code_r, uniq_r = pd.factorize(T.col(records, S.RESPONSE))
+        resp = [T.norm(r) for r in uniq_r]
+        code_s, uniq_s = pd.factorize(T.col(records, S.SOURCE))
+        i32 = np.int32     # table indices: half the size of factorize's int64
+        return {"ids": ids, "sig_a": sig_a, "sig_a_row": code_a.astype(i32), "sig_b": sig_b,
+                "sig_b_row": row_b.astype(i32), "bandable": bandable, "exact": exact,
+                "resp_digest": T.digest64(resp)[code_r], "resp_preview": _strings([r[:_PREVIEW] for r in resp]),
+                "resp_preview_row": code_r.astype(i32), "source": _strings([str(s) for s in uniq_s]),
+                "source_row": code_s.astype(i32)}
 
     @staticmethod
     def _signature(texts: list[str], mult: np.ndarray, max_tokens: int) -> np.ndarray:
@@ -182,106 +203,154 @@ class DuplicatesDetector(Detector):
 
     # ---------------------------------------------------------------- phase 2: global groups
     def merge(self, summaries: Any) -> dict[str, Any]:
+        from poisonguard.textfeat import stable_hash, trim_heap
+
         p = self._resolved()
-        summaries = list(summaries)
-        ids = [i for s in summaries for i in s["ids"]]
-        n = len(ids)
+        parts = list(summaries)
+        # a summary handed over (or joined here) is ours: each field is dropped once read
+        owned = len(parts) > 1 or isinstance(summaries, HandedOver)
+        sm = parts[0] if len(parts) == 1 else _joined(parts, canonical=False)
+        del parts
+        if isinstance(summaries, HandedOver):
+            summaries.clear()
+        field = sm.pop if owned else sm.__getitem__
+        ids_all = field("ids")
+        n = len(ids_all)
         if n == 0:
-            return {"group_of": {}, "groups": [], "margin": {}, "pairs": 0}
+            return {"members": _strings([]), "minority": {}, "groups": [], "pairs": 0}
         half = p["num_perm"] // 2
         # canonical row order (hash of the id, then the id), so bucket pairing and verification
         # do not depend on how the rows were sharded or ordered
-        from poisonguard.textfeat import stable_hash
+        step = 1 << 17      # ids as Python strings a slice at a time (1M of them: ~70 MB)
+        hid = np.concatenate([stable_hash(ids_all[lo:lo + step].astype(object)) for lo in range(0, n, step)])
+        canon = np.argsort(hid, kind="stable")
+        hs = hid[canon]
+        shared_hash = bool((hs[1:] == hs[:-1]).any())
+        del hs
+        if shared_hash:     # a repeated id (or a hash collision): the id breaks the tie
+            canon = np.lexsort((ids_all.astype(object).astype(str), hid))
+        del hid
 
-        canon = np.lexsort((np.array(ids, dtype=object).astype(str), stable_hash(np.array(ids, dtype=object))))
-        ids = [ids[k] for k in canon]
+        def row_id(i: int) -> str:
+            return str(ids_all[canon[i]])
 
-        def joined(key: str, reorder: bool = True) -> np.ndarray:
-            parts = [s[key] for s in summaries]
-            whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            return whole[canon] if reorder else whole
+        # per canonical row: indices into the value tables (signatures are never copied per row)
+        sig_a, sig_b = field("sig_a"), field("sig_b")
+        ia, ib = field("sig_a_row")[canon], field("sig_b_row")[canon]
+        bandable, exact, digest = field("bandable")[canon], field("exact")[canon], field("resp_digest")[canon]
+        prev_tab, prev_row = field("resp_preview"), field("resp_preview_row")[canon]
+        src_tab, src_row = field("source"), field("source_row")[canon]
 
-        # the signatures are read through `canon` (row i is sig[canon[i]]): no reordered copies
-        # (256 MB at 1M rows); one shard's summary is used as it is
-        sig_a, sig_b = joined("sig_a", reorder=False), joined("sig_b", reorder=False)
-        bandable, exact, digest = joined("bandable"), joined("exact"), joined("resp_digest")
-        preview = [x for s in summaries for x in s["resp_preview"]]
-        preview = [preview[k] for k in canon]
-        source = [x for s in summaries for x in s["source"]]
-        source = [source[k] for k in canon]
+        def preview(i: int) -> str:
+            return str(prev_tab[prev_row[i]])
 
         # components are joined band by band (an edge list of every band at once cost ~1 GB at 1M
         # rows of templated prompts); the partition is the same whatever order edges come in
-        label = np.arange(n, dtype=np.int64)
+        label = np.arange(n, dtype=np.int32)      # int32: the index arrays of each join at half size
 
-        def join(ii: np.ndarray, jj: np.ndarray) -> None:
+        def join(a: np.ndarray, b: np.ndarray) -> None:
+            """Merge the components of labels ``a[k]`` and ``b[k]``."""
             nonlocal label
-            a, b = label[ii], label[jj]
             keep = a != b
             if keep.any():
                 graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n))
                 label = connected_components(graph, directed=False)[1][label]
 
+        def close(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            """Rows ``x[k]`` and ``y[k]`` differ and both prompt parts reach the threshold."""
+            ok = np.zeros(len(x), dtype=bool)
+            for c0 in range(0, len(x), 1 << 16):    # pairs x signature copies: 16 MB batches
+                a, b = x[c0:c0 + (1 << 16)], y[c0:c0 + (1 << 16)]
+                ja = _agreement(sig_a, ia[a], ia[b])
+                jb = _agreement(sig_b, ib[a], ib[b])
+                ok[c0:c0 + len(a)] = (np.minimum(ja, jb) >= p["threshold"]) & (a != b)
+            return ok
+
         # exact duplicates: chain each copy to the next one with the same key
         order = np.argsort(exact, kind="stable")
         same = exact[order][1:] == exact[order][:-1]
-        join(order[:-1][same], order[1:][same])
+        join(label[order[:-1][same]], label[order[1:][same]])
+        del order, same, exact
         # LSH buckets: each band takes r/2 values from each half
         r2 = p["rows_per_band"] // 2
         cand = np.flatnonzero(bandable)
-        src = canon[cand]
+        ia_c, ib_c = ia[cand], ib[cand]
+        del bandable
         pairs = 0
         for band in range(half // r2):
+            # each band's arrays (~100 MB at 1M rows) go back to the OS before the next band's
+            trim_heap()
             cols = slice(band * r2, (band + 1) * r2)
-            key = T.mix64(_pack(sig_a[src, cols]) ^ T.mix64(np.full(len(cand), band + 1, dtype=np.uint64)))
-            key = T.mix64(key ^ _pack(sig_b[src, cols]))
+            key = T.mix64(_pack(sig_a[:, cols])[ia_c] ^ T.mix64(np.full(1, band + 1, dtype=np.uint64)))
+            key = T.mix64(key ^ _pack(sig_b[:, cols])[ib_c])
             o = np.argsort(key, kind="stable")
             ks = key[o]
             eq = ks[1:] == ks[:-1]
+            del key, ks
             if not eq.any():
                 continue
-            # consecutive members of a bucket, and every member with the bucket's first member
-            left, right = o[:-1][eq], o[1:][eq]
+            # every member with the one before it in its bucket, and with the bucket's first member
+            # (each pair list verified and labelled on its own: no joined copies of both)
             run_start = np.flatnonzero(np.r_[True, ~eq])
-            leader = o[run_start[np.searchsorted(run_start, np.arange(1, len(o)), side="right") - 1]][eq]
-            li = cand[np.r_[left, leader]]
-            lj = cand[np.r_[right, o[1:][eq]]]
-            ok = np.zeros(len(li), dtype=bool)
-            for c0 in range(0, len(li), 1 << 18):   # pairs x signature copies: bounded batches
-                a, b = li[c0:c0 + (1 << 18)], lj[c0:c0 + (1 << 18)]
-                ca, cb = canon[a], canon[b]
-                ja = (sig_a[ca] == sig_a[cb]).mean(axis=1)
-                jb = (sig_b[ca] == sig_b[cb]).mean(axis=1)
-                ok[c0:c0 + len(a)] = (np.minimum(ja, jb) >= p["threshold"]) & (a != b)
-            pairs += int(ok.sum())
-            join(li[ok], lj[ok])
-        sizes = np.bincount(label)
-        groups: list[dict[str, Any]] = []
-        group_of: dict[str, int] = {}
-        margin: dict[str, tuple[float, int, int, int]] = {}
-        members_of: dict[int, list[int]] = defaultdict(list)
-        for i in np.flatnonzero(sizes[label] >= 2):
-            members_of[int(label[i])].append(int(i))
-        for g, members in sorted(members_of.items(), key=lambda kv: kv[1][0]):
+            right = cand[o[1:][eq]]
+            left = cand[o[:-1][eq]]
+            leader = cand[o[run_start[np.cumsum(~eq)[eq]]]]
+            del o, eq, run_start
+            ends_a, ends_b = [], []
+            for first in (left, leader):
+                ok = close(first, right)
+                pairs += int(ok.sum())
+                ends_a.append(label[first[ok]])
+                ends_b.append(label[right[ok]])
+            del left, leader, right, first, ok
+            join(np.concatenate(ends_a), np.concatenate(ends_b))
+            del ends_a, ends_b
+        del cand, ia_c, ib_c, ia, ib, sig_a, sig_b
+        trim_heap()
+        # groups (components of 2+ rows) in order of their first row, members in row order
+        rows = np.flatnonzero(np.bincount(label)[label] >= 2)
+        rows = rows[np.argsort(label[rows], kind="stable")]
+        starts = np.flatnonzero(np.r_[True, label[rows][1:] != label[rows][:-1]]) if len(rows) else rows
+        ends = np.r_[starts[1:], len(rows)]
+        by_first = np.argsort(rows[starts], kind="stable")
+        del label
+        groups: list[dict[str, Any] | None] = []
+        # only rows with a positive margin are scored; the other group members are only counted
+        minority: dict[str, tuple[float, int, int, int, int]] = {}
+        for g in by_first.tolist():
+            members = rows[starts[g]:ends[g]].tolist()
             clusters = _response_clusters(members, digest, preview, p["response_agreement"])
             sizes_c = Counter(clusters.values())
             m = max(sizes_c.values())
             top = [c for c, k in sizes_c.items() if k == m]
             gid = len(groups)
             nmem = len(members)
-            info = {"ids": [ids[i] for i in members], "n": nmem, "variants": len(sizes_c), "majority": m,
-                    "majority_preview": preview[members[[clusters[i] for i in members].index(top[0])]][:80]
-                    if len(top) == 1 else "", "sources": dict(Counter(source[i] for i in members))}
-            groups.append(info)
-            rep = _tokset(preview[next(i for i in members if clusters[i] == top[0])]) if len(top) == 1 else set()
+            rep: set[str] | None = None
+            hit = False
             for i in members:
                 c = sizes_c[clusters[i]]
                 mg = (m - c) / (nmem + 1) if (len(top) == 1 and c < m) else 0.0
-                if mg > 0 and _jaccard(_tokset(preview[i]), rep) >= p["disagreement"]:
-                    mg = 0.0        # a variant of the consensus answer (code style, wording), not a contradiction
-                group_of[ids[i]] = gid
-                margin[ids[i]] = (mg, nmem, c, m)
-        return {"group_of": group_of, "groups": groups, "margin": margin, "pairs": pairs}
+                if mg > 0:
+                    if rep is None:
+                        rep = _tokset(preview(next(j for j in members if clusters[j] == top[0])))
+                    if _jaccard(_tokset(preview(i)), rep) >= p["disagreement"]:
+                        mg = 0.0    # a variant of the consensus answer (code style, wording), not a contradiction
+                if mg > 0:
+                    minority[row_id(i)] = (mg, nmem, c, m, gid)
+                    hit = True
+                elif shared_hash:   # a repeated id: its last row decides, as in a dict of all rows
+                    minority.pop(row_id(i), None)
+            if not hit:
+                groups.append(None)     # never read by score_with: no row of it has a margin
+                continue
+            # a finding names the first 50 members
+            groups.append({"ids": [row_id(i) for i in members[:50]], "n": nmem, "variants": len(sizes_c),
+                           "majority": m,
+                           "majority_preview": preview(members[[clusters[i] for i in members].index(top[0])])[:80]
+                           if len(top) == 1 else "",
+                           "sources": dict(Counter(str(src_tab[src_row[i]]) for i in members))})
+        members_ids = ids_all[canon[rows]] if len(rows) else _strings([])
+        return {"members": members_ids, "minority": minority, "groups": groups, "pairs": pairs}
 
     # ---------------------------------------------------------------- phase 3: score a shard
     def score_with(self, records: pd.DataFrame, stats: dict[str, Any]) -> DetectorResult:
@@ -290,26 +359,25 @@ class DuplicatesDetector(Detector):
         n = len(records)
         if n == 0:
             return DetectorResult.empty(self.name, ids, info={"rows": 0})
-        resp = T.col(records, S.RESPONSE)
+        minority = stats["minority"]
         scores = np.zeros(n)
         flagged = np.zeros(n, bool)
         review = np.zeros(n, bool)
         evidence = [""] * n
         hits: dict[int, list[int]] = defaultdict(list)
-        for i, rid in enumerate(ids):
-            mg = stats["margin"].get(rid)
-            if mg is None or mg[0] <= 0:
-                continue
-            margin, nmem, c, m = mg
+        scored = [(i, minority[rid]) for i, rid in enumerate(ids) if rid in minority]
+        # responses of the scored rows only (1M as Python strings: ~170 MB)
+        resp = _col_at(records, S.RESPONSE, np.array([i for i, _ in scored], dtype=np.int64))
+        for (i, (margin, nmem, c, m, gid)), r in zip(scored, resp):
             scores[i] = min(1.0, margin * 0.5 / p["flag_margin"])
             flagged[i] = margin >= p["flag_margin"]
             review[i] = margin >= p["review_margin"]
-            g = stats["groups"][stats["group_of"][rid]]
+            g = stats["groups"][gid]
             evidence[i] = (f"prompt duplicated in {nmem} rows: {m} share the response "
                            f"{g['majority_preview']!r}, this row's answer ({c} of {nmem}) is "
-                           f"{T.clip(T.norm(resp[i]), 60)!r}")
+                           f"{T.clip(T.norm(r), 60)!r}")
             if flagged[i] or review[i]:
-                hits[stats["group_of"][rid]].append(i)
+                hits[gid].append(i)
         findings = []
         for gid, rows in sorted(hits.items()):
             g = stats["groups"][gid]
@@ -318,8 +386,10 @@ class DuplicatesDetector(Detector):
                 f"{g['majority']} of {g['n']} copies answer {g['majority_preview']!r}",
                 tuple(ids[i] for i in rows), float(scores[rows].max()),
                 {"sources": g["sources"], "group": g["ids"][:50], "group_size": g["n"]}))
-        info = {"rows": n, "groups": len(stats["groups"]),
-                "rows_in_groups": int(sum(1 for rid in ids if rid in stats["group_of"])),
+        del scored, resp
+        members = stats["members"]      # ids of all grouped rows (~10 MB at 1M rows; as a dict ~100 MB)
+        in_groups = int(ids.isin(members.astype(object)).sum()) if len(members) else 0
+        info = {"rows": n, "groups": len(stats["groups"]), "rows_in_groups": in_groups,
                 "flagged": int(flagged.sum()), "review": int((review & ~flagged).sum())}
         return DetectorResult.build(self.name, ids, scores, flagged, evidence, review, findings, info)
 
@@ -332,12 +402,151 @@ def _pack(block: np.ndarray) -> np.ndarray:
     return out
 
 
+_STR = np.dtypes.StringDType()
+# value table -> its per-row index, in a summary
+_TABLES = {"sig_a": "sig_a_row", "sig_b": "sig_b_row", "resp_preview": "resp_preview_row", "source": "source_row"}
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    """Strings as a numpy ``StringDType`` array: UTF-8 in 16-byte cells, no object per string
+    (1M ids: ~15 MB, as Python ``str`` ~70 MB). An object array when one is not UTF-8 encodable
+    (a lone surrogate)."""
+    try:
+        return np.array(values, dtype=_STR)
+    except UnicodeEncodeError:
+        return np.array(values, dtype=object)
+
+
+def _col_at(records: pd.DataFrame, name: str, rows: np.ndarray) -> np.ndarray:
+    """:func:`T.col` of the rows at ``rows`` (ascending) only. Read a block of rows at a time: a
+    take from a whole Arrow string column first joins its chunks (a 120 MB copy at 1M rows)."""
+    if len(rows) == len(records):
+        return T.col(records, name)
+    if name not in records.columns or not len(rows):
+        return T.col(records[[]].iloc[rows], name)
+    column = records[name]
+    out = np.empty(len(rows), dtype=object)
+    step = 1 << 16
+    cuts = np.searchsorted(rows, np.arange(0, len(records) + step, step))
+    for lo, a, b in zip(range(0, len(records), step), cuts[:-1], cuts[1:]):
+        if b > a:
+            out[a:b] = T.col(column.iloc[lo:lo + step].iloc[rows[a:b] - lo].to_frame(), name)
+    return out
+
+
+def _joined(parts: list[dict[str, Any]], canonical: bool) -> dict[str, Any]:
+    """Summaries of consecutive row ranges as one: per-row arrays stacked, value tables stacked with
+    their row indices shifted. ``canonical``: parts this call owns (they are emptied as they are
+    joined), and each table deduplicated and ordered by first use, so any chunking gives the same
+    summary."""
+    from poisonguard.textfeat import trim_heap
+
+    out: dict[str, Any] = {}
+    for k in list(parts[0]):
+        if k in _TABLES or k in _TABLES.values():
+            continue
+        vals = [q.pop(k) if canonical else q[k] for q in parts]
+        out[k] = vals[0] if len(vals) == 1 else _concat(vals)
+        del vals
+    if canonical:
+        trim_heap()
+    for k, kr in _TABLES.items():
+        tabs = [q.pop(k) if canonical else q[k] for q in parts]
+        shift = np.cumsum([0] + [len(t) for t in tabs])
+        codes = [q.pop(kr) if canonical else q[kr] for q in parts]
+        dt = np.int32 if shift[-1] < 2 ** 31 else np.int64
+        code = codes[0] if len(codes) == 1 else np.concatenate([c.astype(dt) + dt(s) for c, s in zip(codes, shift)])
+        del codes
+        if canonical:
+            out[k], out[kr] = _canonical(tabs, shift, code)
+            trim_heap()     # the parts' tables and the hashing's garbage (~200 MB at 1M rows otherwise)
+        else:
+            out[k], out[kr] = (tabs[0] if len(tabs) == 1 else _concat(tabs)), code
+    return out
+
+
+def _concat(vals: list[np.ndarray]) -> np.ndarray:
+    if any(v.dtype == object for v in vals) and not all(v.dtype == object for v in vals):
+        vals = [v.astype(object) for v in vals]
+    return np.concatenate(vals)
+
+
+def _take(pieces: list[np.ndarray | None], shift: np.ndarray, idx: np.ndarray, consume: bool = False
+          ) -> np.ndarray:
+    """``concatenate(pieces)[idx]`` without the concatenation (0.5M previews: ~100 MB); ``consume``
+    drops each piece once read."""
+    from poisonguard.textfeat import trim_heap
+
+    dtype = object if any(q.dtype == object for q in pieces if q is not None) else pieces[0].dtype
+    out = np.empty((len(idx),) + pieces[0].shape[1:], dtype=dtype)
+    where = np.searchsorted(shift, idx, side="right") - 1
+    for k in range(len(pieces)):
+        at = np.flatnonzero(where == k)
+        if at.size:
+            out[at] = pieces[k][idx[at] - shift[k]]
+        if consume:     # its memory back before the next piece's strings are copied
+            pieces[k] = None
+            trim_heap()
+    return out
+
+
+def _canonical(tabs: list[np.ndarray | None], shift: np.ndarray, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The value tables ``tabs`` (joined: rows ``shift[k]:shift[k+1]`` are ``tabs[k]``) as one
+    without repeated values (rows of 2-d tables), in order of first use by ``code``, and ``code``
+    re-pointed at it (int32); ``tabs`` is emptied. Values are grouped by a hash and checked equal (a
+    sort of 0.5M previews held ~280 MB); on a collision, or strings that are not UTF-8, sorted."""
+    from poisonguard.textfeat import trim_heap
+
+    step = 1 << 16
+    cls = None
+    if all(q.dtype != object for q in tabs):
+        if tabs[0].ndim == 2:
+            h = np.concatenate([_pack(q) for q in tabs])
+        else:
+            h = np.concatenate([np.zeros(0, np.uint64)] + [pd.util.hash_array(q[lo:lo + step].astype(object),
+                                                                              categorize=False)
+                                                           for q in tabs for lo in range(0, len(q), step)])
+        cls = pd.factorize(h)[0]
+        del h
+        first = np.unique(cls, return_index=True)[1]
+        trim_heap()
+        # each value that repeats an earlier hash must repeat its value
+        again = np.flatnonzero(first[cls] != np.arange(len(cls)))
+        for lo in range(0, len(again), step):
+            at = again[lo:lo + step]
+            if not np.array_equal(_take(tabs, shift, at), _take(tabs, shift, first[cls[at]])):
+                cls = None
+                break
+        del again
+    if cls is None:
+        whole = _concat(tabs)
+        tabs[:] = [whole]
+        shift = np.array([0, len(whole)])
+        first, cls = np.unique(whole, axis=0 if whole.ndim == 2 else None, return_index=True,
+                               return_inverse=True)[1:]
+        del whole
+    code, used = pd.factorize(cls.reshape(-1)[code])
+    sel = first[used]
+    del cls, first, used
+    trim_heap()     # the hash tables' garbage, before the table is copied
+    return _take(tabs, shift, sel, consume=True), code.astype(np.int32)
+
+
+def _agreement(tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Fraction of equal values of table rows ``x`` and ``y`` (pairwise); the same row is 1."""
+    out = np.ones(len(x))
+    d = np.flatnonzero(x != y)
+    if d.size:
+        out[d] = (tab[x[d]] == tab[y[d]]).mean(axis=1)
+    return out
+
+
 def _jaccard(a: set[str], b: set[str]) -> float:
     u = len(a | b)
     return len(a & b) / u if u else 1.0
 
 
-def _response_clusters(members: list[int], digest: np.ndarray, preview: list[str], agree: float
+def _response_clusters(members: list[int], digest: np.ndarray, preview: Callable[[int], str], agree: float
                        ) -> dict[int, int]:
     """Greedy clustering of a group's responses: same digest, or token Jaccard >= ``agree``."""
     reps: list[tuple[int, set[str]]] = []      # (cluster id, token set of its first response)
@@ -348,7 +557,7 @@ def _response_clusters(members: list[int], digest: np.ndarray, preview: list[str
         if d in by_digest:
             out[i] = by_digest[d]
             continue
-        toks = _tokset(preview[i])
+        toks = _tokset(preview(i))
         cid = None
         nt = len(toks)
         # a consensus answer founds one of the first clusters (rows are in hashed-id order), so
