@@ -910,11 +910,6 @@ class RowTable:
         state.pop("_vocab_index", None)   # rebuilt on first use
         return state
 
-    def request_mask(self) -> np.ndarray:
-        """True for prompt tokens that belong to the row's request."""
-        pos = np.arange(len(self.p_hash), dtype=np.int64) - np.repeat(self.p_indptr[:-1], np.diff(self.p_indptr))
-        return pos < np.repeat(self.p_req, np.diff(self.p_indptr))
-
     def prompt_rows(self) -> np.ndarray:
         """Row number of every prompt token."""
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.p_indptr))
