@@ -8,17 +8,20 @@ written once to ``<workdir>/data-<N>.parquet``, with five zoo attacks at a fixed
 Runs, each in its own subprocess (so its peak memory is its own):
 
 * ``single N``    :func:`poisonguard.sanitize.sanitize` on all N rows in one process;
-* ``dask N``      :func:`poisonguard.sharded.sanitize_sharded` with ``--shards`` shards on a
-  ``distributed.LocalCluster`` of 2 worker processes (1 thread each): summaries, the merges (one
-  task per detector group) and scoring run on the workers, the driver holds the records and the
-  combined results;
+* ``dask N``      the sanitize stage (:func:`poisonguard.stages.sanitize`) on the N rows as ingest
+  writes them with ``--shards`` shards (``<workdir>/ingested-...``, prepared once, not timed), on a
+  ``distributed.LocalCluster`` of 2 worker processes (1 thread each): streamed
+  (:func:`poisonguard.sharded.sanitize_streamed`): summaries, the merges (one task per detector
+  group) and scoring run on the workers, which read their shard files; the driver never holds the
+  records: it gets two numbers per row back and writes the clean / quarantine / decisions files
+  one shard at a time;
 * ``increment``   the nightly path (:func:`poisonguard.incremental.sanitize_incremental`): a full
   run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows, all unseen
   (another ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows), are sanitized
   incrementally and, for comparison, in full: wall time, recall and false-positive rate of both.
 
 Memory: ``peak_rss_mb`` is the largest resident set size of any one process of the run (the
-driver or one Dask worker), sampled every 50 ms with psutil; ``peak_total_mb`` the largest sum
+driver or one Dask worker; ``peak_driver_mb`` the driver's), sampled every 50 ms with psutil; ``peak_total_mb`` the largest sum
 over the process tree. A run whose one process goes above ``--max-rss-gb`` is stopped and
 reported as such (this protects the machine: a 24 GB box cannot swap its way through 5M rows).
 
@@ -63,6 +66,10 @@ class TreeRSS:
         self.interval = interval
         self.peak_one = 0
         self.peak_total = 0
+        self.peak_driver = 0
+        self.peaks: dict[int, int] = {}     # pid -> peak RSS (the driver, Dask's nannies and workers)
+        self.t0 = time.perf_counter()
+        self.stage = ""         # what the run is doing (its progress callback sets it)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -76,16 +83,25 @@ class TreeRSS:
         for p in procs:
             try:
                 rss.append(p.memory_info().rss)
+                self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss[-1])
             except self._psutil.Error:
                 pass
         if rss:
             self.peak_one = max(self.peak_one, max(rss))
             self.peak_total = max(self.peak_total, sum(rss))
+            self.peak_driver = max(self.peak_driver, rss[0])
         if self.limit and self.peak_one > self.limit:
-            print(json.dumps({"status": f"stopped: one process went above {self.limit / 2**30:.1f} GB",
-                              "peak_rss_mb": self.peak_one >> 20, "peak_total_mb": self.peak_total >> 20}),
+            print(json.dumps({"status": f"stopped after {time.perf_counter() - self.t0:.1f} s: one process "
+                                        f"went above {self.limit / 2**30:.1f} GB",
+                              "peak_rss_mb": self.peak_one >> 20, "peak_total_mb": self.peak_total >> 20,
+                              "peak_driver_mb": self.peak_driver >> 20, "stage": self.stage,
+                              "peaks_mb": self.top()}),
                   flush=True)
             os._exit(3)
+
+    def top(self, k: int = 4) -> list[int]:
+        """The ``k`` largest per-process peaks in MB (the driver's among them)."""
+        return sorted((v >> 20 for v in self.peaks.values()), reverse=True)[:k]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -93,7 +109,9 @@ class TreeRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeRSS:
-        self.peak_one = self.peak_total = 0
+        self.peak_one = self.peak_total = self.peak_driver = 0
+        self.peaks = {}
+        self.t0 = time.perf_counter()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._stop.clear()
         self._t.start()
@@ -200,12 +218,46 @@ def run_single(data: Path, truth: Path, limit: float) -> dict[str, Any]:
             "detector_seconds": res.seconds}
 
 
-def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -> dict[str, Any]:
+def make_shards(workdir: Path, data: Path, n_shards: int) -> Path:
+    """``data`` as ingest writes it with ``ingest.shards: n_shards`` (cached): a folder holding
+    ``records.parquet/part-*.parquet`` keyed by content hash, an empty ``rejected.parquet`` and
+    ``ingest.json``; written a row group at a time (this is ingest's work, not timed)."""
+    import pyarrow.parquet as pq
+
+    from poisonguard import io, paths
+    from poisonguard import schema as S
+    from poisonguard.sharded import FrameSink
+
+    out = workdir / f"ingested-{data.stem}-{n_shards}"
+    if (out / "ingest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    pf = pq.ParquetFile(data)
+    with FrameSink(out / paths.RECORDS_FILE, n_shards) as sink:
+        for g in range(pf.num_row_groups):
+            sink.write(pf.read_row_group(g).to_pandas())
+            gc.collect()
+    io.write_parquet(io.rejected_frame([]), out / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
+    (out / "ingest.json").write_text(json.dumps({"rows_in": pf.metadata.num_rows}))
+    return out
+
+
+def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int, workdir: Path) -> dict[str, Any]:
+    """The sanitize stage on ingest's shard files through a Dask LocalCluster: streamed (the
+    records stay on disk; see :func:`poisonguard.stages.sanitize`), outputs written to disk."""
+    import shutil
+
+    import numpy as np
+    import pyarrow.parquet as pq
     from distributed import Client, Future, LocalCluster
 
-    from poisonguard import sharded
+    from poisonguard import paths, sharded, stages
+    from poisonguard import schema as S
 
-    records, y = _load(data, truth)
+    in_dir = make_shards(workdir, data, shards)
+    out_dir = workdir / f"sanitized-{data.stem}-{shards}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.environ["POISONGUARD_STATE"] = str(workdir / "state")
     gc.collect()
     with TreeRSS(limit) as mem:
         t0 = time.perf_counter()
@@ -231,15 +283,27 @@ def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int) -
                 parts = [client.submit(sharded.merge_summaries, g, cfg, pure=False) for g in by_group]
                 return client.submit(sharded.collect_stats, parts, pure=False)
 
-            res = sharded.sanitize_sharded(records, _cfg(), n_shards=shards, map_=map_, merge_=merge_,
-                                           place_=lambda parts: client.scatter(parts, hash=False))
+            def progress(stage: str) -> None:
+                mem.stage = stage
+                print(f"  {time.perf_counter() - t0:7.1f} s  {stage}", file=sys.stderr, flush=True)
+
+            out = stages.sanitize(_cfg(), in_dir, out_dir, None, progress, n_shards=shards, map_=map_,
+                                  merge_=merge_)
             dt_run = time.perf_counter() - t_up
         dt = time.perf_counter() - t0
-    sc = _score(res, records, y)
-    sc.pop("flag_ids")
-    return {"rows": len(records), "seconds": round(dt, 1), "seconds_without_cluster_start": round(dt_run, 1),
-            "rows_per_s": round(len(records) / dt), "shards": shards, "workers": workers,
-            "peak_rss_mb": mem.peak_one >> 20, "peak_total_mb": mem.peak_total >> 20, **sc}
+    rep = json.loads((out_dir / "report.json").read_text())
+    dec = pq.read_table(out_dir / paths.DECISIONS_FILE, columns=[S.ID, S.DECISION]).to_pandas()
+    bad = set(json.loads(truth.read_text()))
+    y = dec[S.ID].isin(bad).to_numpy()
+    flag = (dec[S.DECISION] == S.QUARANTINE).to_numpy()
+    n = len(dec)
+    return {"rows": n, "seconds": round(dt, 1), "seconds_without_cluster_start": round(dt_run, 1),
+            "rows_per_s": round(n / dt), "shards": shards, "workers": workers, "streamed": "streamed" in rep,
+            "peak_rss_mb": mem.peak_one >> 20, "peak_driver_mb": mem.peak_driver >> 20, "peaks_mb": mem.top(),
+            "peak_total_mb": mem.peak_total >> 20,
+            "recall": round(float((flag & y).sum() / max(int(y.sum()), 1)), 4),
+            "fpr": round(float((flag & ~y).sum() / max(int((~y).sum()), 1)), 6),
+            "quarantined": int(flag.sum()), "poisoned": int(y.sum()), "verdict": out["verdict"]}
 
 
 def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limit: float,
@@ -368,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data, truth = make_data(workdir, a.n, a.poison)
             out = run_single(data, truth, limit) if a.worker == "single" else \
-                run_dask(data, truth, limit, a.shards, a.workers)
+                run_dask(data, truth, limit, a.shards, a.workers, workdir)
             print(json.dumps(out))
         return 0
     modes = [m for m in a.modes.split(",") if m]
@@ -384,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--poison", str(a.poison), "--workdir", str(workdir), "--max-rss-gb", str(a.max_rss_gb)]
     for n in sizes if {"single", "dask"} & set(modes) else []:
         t0 = time.perf_counter()
-        make_data(workdir, n, a.poison)
+        data, _ = make_data(workdir, n, a.poison)
+        if "dask" in modes:
+            make_shards(workdir, data, a.shards)
         print(f"data {n} rows ({len(ATTACKS)} attacks x {a.poison} rows): ready in {time.perf_counter() - t0:.0f} s",
               flush=True)
         for mode in ("single", "dask"):
@@ -396,9 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             if "seconds" in r:
                 print(f"{mode:9s} {n:>9d} rows  {r['seconds']:8.1f} s  {r['rows_per_s']:>6d} rows/s  peak/process "
                       f"{r['peak_rss_mb']:>6d} MB  total {r['peak_total_mb']:>6d} MB  recall {r['recall']:.3f}  "
-                      f"FPR {100 * r['fpr']:.4f}%  {r['status']}", flush=True)
+                      f"FPR {100 * r['fpr']:.4f}%  {r['status']}"
+                      + (f"  (driver {r['peak_driver_mb']} MB)" if "peak_driver_mb" in r else ""), flush=True)
             else:
-                print(f"{mode:9s} {n:>9d} rows  {r['status']}  (peak/process {r.get('peak_rss_mb', '-')} MB)",
+                print(f"{mode:9s} {n:>9d} rows  {r['status']}  (peak/process {r.get('peak_rss_mb', '-')} MB, driver "
+                      f"{r.get('peak_driver_mb', '-')} MB, during {r.get('stage') or '-'})",
                       flush=True)
     if "increment" in modes:
         n = a.increment_base

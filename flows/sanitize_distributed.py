@@ -53,7 +53,13 @@ def score_shard(shard, stats, cfg):  # noqa: ANN001, ANN201
     return sharded.score_shard(shard, stats, cfg)
 
 
-_TASKS = {sharded.summarize_shard: summarize_shard, sharded.score_shard: score_shard}
+@task(name="score-fuse-shard", cache_policy=NO_CACHE)
+def score_fuse_shard(shard, stats, cfg):  # noqa: ANN001, ANN201
+    return sharded.score_fuse_shard(shard, stats, cfg)
+
+
+_TASKS = {sharded.summarize_shard: summarize_shard, sharded.score_shard: score_shard,
+          sharded.score_fuse_shard: score_fuse_shard}
 
 
 def prefect_map(fn, *iterables):  # noqa: ANN001, ANN201

@@ -119,12 +119,27 @@ def test_sanitize_on_a_dask_local_cluster_matches_single_process(prefect_server,
     from flows import sanitize_distributed
     from poisonguard.config import NightlyConfig, load_config
 
+    import shutil
+
+    from poisonguard import io, sharded
+
     monkeypatch.chdir(project)
-    assert (project / "data/interim/ingested/records.parquet").is_file(), "runs after the nightly test"
+    ing = project / "data/interim/ingested"
+    assert (ing / "records.parquet").is_file(), "runs after the nightly test"
+    # the same rows as ingest writes them with `ingest.shards: 3`: the stage streams them (the
+    # records stay on disk; each task reads its shard, the flow one shard at a time)
+    sharded_in = project / "data/interim/ingested-sharded"
+    sharded.write_shards(io.read_records(ing / "records.parquet"), sharded_in / "records.parquet", 3)
+    for name in ("rejected.parquet", "ingest.json"):
+        shutil.copy(ing / name, sharded_in / name)
     cfg = load_config("params.yaml").sanitize
-    res = sanitize_distributed.run(NightlyConfig(shards=3, dask_workers=2), cfg,
+    res = sanitize_distributed.run(NightlyConfig(shards=3, dask_workers=2, incremental={"enabled": False}), cfg,
+                                   in_dir=str(sharded_in),
                                    out_dir="data/processed/sanitized-dask")
     assert res["counts"]["rows_in"] == 700
-    a = pd.read_parquet(project / "data/processed/sanitized-dask/decisions.parquet")
-    b = pd.read_parquet(project / "data/processed/sanitized/decisions.parquet")
-    pd.testing.assert_frame_equal(a[["id", "decision", "detectors"]], b[["id", "decision", "detectors"]])
+    rep = json.loads((project / "data/processed/sanitized-dask/report.json").read_text())
+    assert rep["streamed"] == {"shards": 3}
+    cols = ["id", "decision", "detectors"]
+    a = pd.read_parquet(project / "data/processed/sanitized-dask/decisions.parquet")[cols]
+    b = pd.read_parquet(project / "data/processed/sanitized/decisions.parquet")[cols]
+    pd.testing.assert_frame_equal(a.sort_values("id", ignore_index=True), b.sort_values("id", ignore_index=True))

@@ -148,3 +148,82 @@ def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
     # re-ingesting without shards replaces the folder by one file
     stages.ingest(IngestConfig(), ing, [raw])
     assert (ing / paths.RECORDS_FILE).is_file()
+
+
+@pytest.mark.parametrize("hold_review", [False, True])
+def test_streamed_stage_writes_what_the_in_memory_run_writes(frame, tmp_path, hold_review):
+    """With ingest's shard files the sanitize stage streams (``sharded.sanitize_streamed``: the
+    records stay on disk, one shard read at a time): the clean, quarantine and decisions files,
+    the report's findings (with examples), detector counts, histograms and per-source roll-up
+    equal those of the in-memory sharded run on the same shards, overrides included."""
+    import json
+
+    from poisonguard import io, overrides, paths, stages
+    from poisonguard import report as rpt
+    from poisonguard.config import IngestConfig
+    from poisonguard.source_rollup import rollup
+
+    recs, truth = frame
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(io.to_native(r)) + "\n" for r in recs.to_dict("records")))
+    ing = tmp_path / "ingested"
+    stages.ingest(IngestConfig(shards=4), ing, [raw])
+    some = sorted(truth)
+    ov = tmp_path / "overrides.jsonl"
+    ov.write_text(json.dumps({"id": some[0], "action": "keep", "by": "alice", "reason": "fine"}) + "\n"
+                  + json.dumps({"id": str(recs[S.ID].iloc[7]), "action": "quarantine", "by": "bob"}) + "\n"
+                  + json.dumps({"source": "vendor", "action": "quarantine", "by": "inc-1"}) + "\n")
+    cfg = CFG.model_copy(update={"overrides": str(ov), "hold_review": hold_review})
+    calls: list[str] = []
+
+    def spy_map(fn, *iterables):
+        calls.append(fn.__name__)
+        return list(map(fn, *iterables))
+
+    out = stages.sanitize(cfg, ing, tmp_path / "san", None, n_shards=4, map_=spy_map)
+    assert "score_fuse_shard" in calls and "score_shard" not in calls, "the stage streamed"
+    parts = io.shard_files(ing / paths.RECORDS_FILE)
+    back = io.read_records(ing / paths.RECORDS_FILE)
+    res = sharded.sanitize_sharded(back, cfg, n_shards=4, shard_files=parts)
+    standing = overrides.load(ov)
+    res.decisions, extra, _ = overrides.apply(res.decisions, res.records, standing)
+    res.findings = extra + list(res.findings)
+    rejected = io.read_parquet(ing / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
+    want = rpt.sanitize_report(res, rows_in=len(back), rejected=rejected,
+                               per_source=rollup(res.decisions, res.records))
+    san_dir = tmp_path / "san"
+    got_dec = io.read_parquet(san_dir / paths.DECISIONS_FILE)
+    pd.testing.assert_frame_equal(got_dec, res.decisions.reset_index(), check_dtype=False)
+    pd.testing.assert_frame_equal(io.read_parquet(san_dir / paths.CLEAN_FILE), res.clean, check_dtype=False)
+    pd.testing.assert_frame_equal(io.read_parquet(san_dir / paths.QUARANTINE_FILE), res.quarantine,
+                                  check_dtype=False)
+    rep = json.loads((san_dir / "report.json").read_text())
+    want = json.loads(json.dumps(want, default=rpt._default))
+    for key in ("counts", "verdict", "findings", "score_histograms", "per_source", "hold_review", "rejected"):
+        assert rep[key] == want[key], key
+    assert {k: {x: v[x] for x in ("flagged", "review", "findings")} for k, v in rep["detectors"].items()} == \
+        {k: {x: v[x] for x in ("flagged", "review", "findings")} for k, v in want["detectors"].items()}
+    assert rep["findings"][0]["detector"] == "override" and rep["streamed"] == {"shards": 4}
+    assert out["counts"] == want["counts"] and set(got_dec[S.ID]) == set(recs[S.ID])
+
+
+def test_streamed_run_names_a_repeated_id_and_refuses_llm_review(frame, tmp_path, monkeypatch):
+    recs, _ = frame
+    a = recs.iloc[:300].copy()
+    b = recs.iloc[300:600].copy()
+    b.loc[b.index[5], S.ID] = a[S.ID].iloc[2]      # the same id in two shards
+    files = [io_write(a, tmp_path / "part-00000.parquet"), io_write(b, tmp_path / "part-00001.parquet")]
+    with pytest.raises(ValueError, match=f"repeated: \\['{a[S.ID].iloc[2]}'\\]"):
+        sharded.sanitize_streamed(files, CFG)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert sharded.sanitize_streamed(files[:1], SanitizeConfig(llm_review={"enabled": True})).llm_summary == \
+        {"ran": False, "reason": "ANTHROPIC_API_KEY not set"}
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")     # the review would run: refused, not skipped
+    with pytest.raises(ValueError, match="LLM review"):
+        sharded.sanitize_streamed(files, SanitizeConfig(llm_review={"enabled": True}))
+
+
+def io_write(frame: pd.DataFrame, path):
+    from poisonguard import io
+
+    return io.write_records(frame.reset_index(drop=True), path)

@@ -832,6 +832,15 @@ def _skip(ids: list[str], reason: str) -> ReviewResult:
     return ReviewResult(DetectorResult.empty(NAME, ids, info=summary), summary, reason)
 
 
+def skip_reason(cfg: ReviewConfig, client: Any = None) -> str | None:
+    """Why :func:`review` would not call the model (``None``: it would)."""
+    if not cfg.enabled:
+        return "disabled in params.yaml"
+    if client is None and not os.environ.get("ANTHROPIC_API_KEY"):
+        return "ANTHROPIC_API_KEY not set"
+    return None
+
+
 def review(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewConfig, *,
            client: Any = None) -> ReviewResult:
     """Review selected rows with the model; see the module docstring.
@@ -848,10 +857,9 @@ def review(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewCon
     ids = records[S.ID].astype(str).tolist()
     if len(set(ids)) != len(ids):
         raise ValueError("llm_review: record ids must be unique")
-    if not cfg.enabled:
-        return _skip(ids, "disabled in params.yaml")
-    if client is None and not os.environ.get("ANTHROPIC_API_KEY"):
-        return _skip(ids, "ANTHROPIC_API_KEY not set")
+    reason = skip_reason(cfg, client)
+    if reason is not None:
+        return _skip(ids, reason)
     t0 = time.perf_counter()
     recs = records.to_dict("records")
     payloads = {str(r[S.ID]): row_payload(r, cfg) for r in recs}

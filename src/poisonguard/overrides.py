@@ -150,3 +150,30 @@ def apply(decisions: pd.DataFrame, records: pd.DataFrame, overrides: list[Overri
         findings.append(Finding(NAME, f"{len(row_q)} rows quarantined by a person", "standing review decisions "
                                 f"in the overrides file", tuple(sorted(row_q)), 1.0, {}))
     return dec, findings, {"rows": len(final), "quarantined": quarantined, "kept": kept}
+
+
+def merge_applied(parts: list[tuple[list[Finding], dict[str, int]]], overrides: list[Override]
+                  ) -> tuple[list[Finding], dict[str, int]]:
+    """The findings and counts of :func:`apply` run shard by shard (a streamed sanitize), as one
+    call over all rows gives them: a source's finding unites its rows of every shard (in the
+    order of the overrides file), the person's row-level quarantines make one finding."""
+    by_source: dict[str, Finding] = {}
+    rows: list[str] = []
+    counts = {"rows": 0, "quarantined": 0, "kept": 0}
+    for found, applied in parts:
+        for k in counts:
+            counts[k] += int(applied.get(k, 0))
+        for f in found:
+            if f.info.get("source") is None:
+                rows += list(f.ids)
+            elif f.title in by_source:
+                g = by_source[f.title]
+                by_source[f.title] = Finding(g.detector, g.title, g.evidence, g.ids + f.ids, g.score, g.info)
+            else:
+                by_source[f.title] = f
+    order = {(o.source, o.by): i for i, o in reversed(list(enumerate(overrides))) if o.source is not None}
+    out = sorted(by_source.values(), key=lambda f: order.get((f.info["source"], f.info.get("by")), len(order)))
+    if rows:
+        out.append(Finding(NAME, f"{len(rows)} rows quarantined by a person", "standing review decisions "
+                           "in the overrides file", tuple(sorted(rows)), 1.0, {}))
+    return out, counts

@@ -33,13 +33,6 @@ VERDICT_CLEAN = "clean"
 def sanitize_report(res: SanitizeResult, *, rows_in: int, rejected: pd.DataFrame, snapshot_root: str = "",
                     per_source: pd.DataFrame | None = None, inputs: list[str] | None = None) -> dict[str, Any]:
     """Build the JSON-able sanitize report and check that the row counts reconcile."""
-    c = res.counts()
-    clean_n, quar_n = len(res.clean), len(res.quarantine)
-    counts = {"rows_in": int(rows_in), "clean": clean_n, "review": c["review"],
-              "quarantined": quar_n, "rejected": int(len(rejected))}
-    if counts["clean"] + counts["quarantined"] + counts["rejected"] != counts["rows_in"]:
-        raise RuntimeError(f"row accounting does not reconcile: {counts} "
-                           "(clean + quarantined + rejected must equal rows_in)")
     rec = res.records.set_index(S.ID)
     findings = []
     for f in res.findings[:TOP_FINDINGS]:
@@ -57,24 +50,42 @@ def sanitize_report(res: SanitizeResult, *, rows_in: int, rejected: pd.DataFrame
                            "info": _jsonable(r.info)}
     hist = {name: np.histogram(r.scores.to_numpy(), bins=20, range=(0, 1))[0].tolist()
             for name, r in res.results.items()}
+    return build_sanitize_report(res.counts(), clean=len(res.clean), quarantined=len(res.quarantine),
+                                 rows_in=rows_in, rejected=rejected, findings=findings, detectors=detectors,
+                                 histograms=hist, hold_review=res.hold_review, llm_summary=res.llm_summary,
+                                 snapshot_root=snapshot_root, per_source=per_source, inputs=inputs)
+
+
+def build_sanitize_report(decision_counts: dict[str, int], *, clean: int, quarantined: int, rows_in: int,
+                          rejected: pd.DataFrame, findings: list[dict[str, Any]], detectors: dict[str, Any],
+                          histograms: dict[str, list[int]], hold_review: bool, llm_summary: dict[str, Any],
+                          snapshot_root: str = "", per_source: pd.DataFrame | None = None,
+                          inputs: list[str] | None = None) -> dict[str, Any]:
+    """The report from its parts (:func:`sanitize_report`, or a streamed run that adds them up
+    shard by shard); checks that the row counts reconcile."""
+    counts = {"rows_in": int(rows_in), "clean": int(clean), "review": int(decision_counts["review"]),
+              "quarantined": int(quarantined), "rejected": int(len(rejected))}
+    if counts["clean"] + counts["quarantined"] + counts["rejected"] != counts["rows_in"]:
+        raise RuntimeError(f"row accounting does not reconcile: {counts} "
+                           "(clean + quarantined + rejected must equal rows_in)")
     rej = rejected[S.REASON].str.split(":").str[0].value_counts().to_dict() if len(rejected) else {}
-    verdict = VERDICT_POISON if quar_n else VERDICT_CLEAN
+    verdict = VERDICT_POISON if quarantined else VERDICT_CLEAN
     return {
         "kind": "sanitize",
         "verdict": verdict,
         "counts": counts,
-        "hold_review": bool(res.hold_review),
+        "hold_review": bool(hold_review),
         "inputs": inputs or [],
         "snapshot_root": snapshot_root,
         "findings": findings,
         "per_source": [] if per_source is None else _jsonable(
             (per_source.reset_index() if per_source.index.name else per_source).to_dict("records")),
         "detectors": detectors,
-        "score_histograms": hist,
+        "score_histograms": histograms,
         "rejected": {"by_reason": rej,
                      "examples": _jsonable(rejected.head(20).drop(columns=[S.RAW], errors="ignore")
                                            .to_dict("records"))},
-        "llm_review": res.llm_summary,
+        "llm_review": llm_summary,
     }
 
 

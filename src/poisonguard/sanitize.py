@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,8 +209,11 @@ def _check_result(name: str, res: DetectorResult, records: pd.DataFrame) -> None
         raise ValueError(f"detector {name!r} did not return one score per input row in input order")
 
 
-def fuse(ids: pd.Index, results: Mapping[str, DetectorResult], min_detectors: int = 1) -> pd.DataFrame:
-    """One decision per row from the detectors' flags (see module docstring)."""
+def fuse(ids: pd.Index, results: Mapping[str, DetectorResult], min_detectors: int = 1,
+         titles: bool = True) -> pd.DataFrame:
+    """One decision per row from the detectors' flags (see module docstring). ``titles=False``
+    leaves the finding column empty (a streamed shard: its findings are merged across shards
+    first, :func:`finding_titles`)."""
     names = list(results)
     n = len(ids)
     if not names:
@@ -232,7 +235,7 @@ def fuse(ids: pd.Index, results: Mapping[str, DetectorResult], min_detectors: in
         cols = sorted(cols, key=lambda c: (not flagged[i, c], -scores[i, c]))
         det_col[i] = ",".join(names[c] for c in cols)
         ev_col[i] = "; ".join(f"[{names[c]}] {evidences[c][i]}" for c in cols if evidences[c][i])
-    finding_col = _finding_titles(ids, results)
+    finding_col = _finding_titles(ids, results) if titles else [""] * n
     return pd.DataFrame({S.DECISION: decision, S.SCORE: scores.max(axis=1).round(6), S.DETECTORS: det_col,
                          S.EVIDENCE: ev_col, S.FINDING: finding_col}, index=pd.Index(ids, name=S.ID))
 
@@ -243,16 +246,22 @@ def all_findings(results: Mapping[str, DetectorResult]) -> list[Finding]:
     return sorted(found, key=lambda f: (-len(f.ids), -f.score, f.detector, f.title))
 
 
-def _finding_titles(ids: pd.Index, results: Mapping[str, DetectorResult]) -> list[str]:
-    pos = {rid: i for i, rid in enumerate(ids)}
-    best: list[tuple[float, str] | None] = [None] * len(ids)
-    for f in all_findings(results):
+def finding_titles(findings: Sequence[Finding]) -> dict[str, str]:
+    """``"detector: title"`` of the best-scoring finding of every row any finding names
+    (``findings`` in :func:`all_findings` order: of equal scores the first wins)."""
+    best: dict[str, tuple[float, str]] = {}
+    for f in findings:
         label = f"{f.detector}: {f.title}"
         for rid in f.ids:
-            i = pos.get(rid)
-            if i is not None and (best[i] is None or f.score > best[i][0]):
-                best[i] = (f.score, label)
-    return ["" if b is None else b[1] for b in best]
+            b = best.get(rid)
+            if b is None or f.score > b[0]:
+                best[rid] = (f.score, label)
+    return {rid: b[1] for rid, b in best.items()}
+
+
+def _finding_titles(ids: pd.Index, results: Mapping[str, DetectorResult]) -> list[str]:
+    best = finding_titles(all_findings(results))
+    return [best.get(rid, "") for rid in ids]
 
 
 def sanitize(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame | None = None,

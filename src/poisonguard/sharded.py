@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,14 @@ class FrameSink:
     previous output as it was). Used as a context manager, an error discards the partial output.
     """
 
-    def __init__(self, target: Path, n_shards: int = 1, empty: pd.DataFrame | None = None) -> None:
+    def __init__(self, target: Path, n_shards: int = 1, empty: pd.DataFrame | None = None,
+                 schema: Any = None) -> None:
         if n_shards < 1:
             raise ValueError(f"n_shards must be >= 1, got {n_shards}")
         self.target = Path(target)
         self.n_shards = n_shards
         self.empty = empty
+        self.schema = schema    # a pyarrow schema for every batch (else the first batch's, others cast to it)
         self.partial = self.target.with_name(self.target.name + ".partial")
         _remove(self.partial)
         if n_shards > 1:
@@ -114,7 +117,7 @@ class FrameSink:
         else:
             parts = [(0, frame)]
         for k, part in parts:
-            table = pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False)
+            table = pa.Table.from_pandas(part.reset_index(drop=True), schema=self.schema, preserve_index=False)
             w = self._writer(int(k), table)
             if not table.schema.equals(w.schema, check_metadata=False):
                 table = table.cast(w.schema)
@@ -126,7 +129,12 @@ class FrameSink:
         as one file or as ``part-00000.parquet``)."""
         for w in self._writers.values():
             w.close()
-        if not self._writers and self.empty is not None:
+        if not self._writers and self.empty is not None and self.schema is not None:
+            import pyarrow.parquet as pq
+
+            pq.write_table(self.schema.empty_table(),
+                           self.partial / "part-00000.parquet" if self.n_shards > 1 else self.partial)
+        elif not self._writers and self.empty is not None:
             io.write_parquet(self.empty, self.partial / "part-00000.parquet" if self.n_shards > 1 else self.partial)
         self._writers = {}
         _remove(self.target)
@@ -319,3 +327,169 @@ def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int =
     results = combine(ids, parts)
     seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
     return san.finish(records, results, seconds, cfg, progress)
+
+
+# ---------------------------------------------------------------- streamed runs
+
+#: decision codes of :class:`ShardOutcome` (int8 per row)
+DECISIONS = (S.KEEP, S.REVIEW, S.QUARANTINE)
+_HIST_BINS = 20
+
+
+@dataclass
+class ShardOutcome:
+    """What the score step of one shard of a streamed run sends back: two numbers per row and
+    the rows some detector fired on, never the records (see :func:`sanitize_streamed`)."""
+
+    shard: str                  # the shard file
+    n: int
+    keys: np.ndarray            # uint64 stable hash of every id (shard order): the driver's duplicate check
+    decision: np.ndarray        # int8 index into DECISIONS
+    score: np.ndarray           # float64 fused score
+    fired: pd.DataFrame         # rows a detector flagged or marked: index id; detectors, evidence
+    flagged: dict[str, int]     # per detector: rows flagged
+    review: dict[str, int]      # per detector: rows marked for review
+    hist: dict[str, np.ndarray]  # per detector: score histogram (20 bins over [0, 1])
+    findings: dict[str, tuple[Finding, ...]]
+    info: dict[str, dict[str, Any]]
+
+
+def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig) -> ShardOutcome:
+    """Phase 3 of a streamed run on one shard: score it, fuse the detectors' decisions (row by
+    row, as :func:`poisonguard.sanitize.fuse`; the finding titles wait for the merged findings)
+    and keep only what the driver needs."""
+    from poisonguard import textfeat as tf
+    from poisonguard.sanitize import fuse
+
+    records = _load(shard)
+    ids = pd.Index(records[S.ID], name=S.ID)
+    if ids.duplicated().any():
+        raise ValueError(f"{shard}: record ids must be unique; repeated: {list(ids[ids.duplicated()][:3])}")
+    results = score_shard(records, stats, cfg)
+    del records
+    dec = fuse(ids, results, cfg.min_detectors, titles=False)
+    code = np.zeros(len(dec), dtype=np.int8)
+    for c, name in enumerate(DECISIONS):
+        code[(dec[S.DECISION] == name).to_numpy()] = c
+    fired = dec.loc[dec[S.DETECTORS].to_numpy() != "", [S.DETECTORS, S.EVIDENCE]]
+    return ShardOutcome(
+        shard=str(shard), n=len(ids), keys=tf.stable_hash(ids.to_numpy(dtype=object)), decision=code,
+        score=dec[S.SCORE].to_numpy(dtype=float), fired=fired,
+        flagged={k: int(r.flagged.sum()) for k, r in results.items()},
+        review={k: int(r.review.sum()) for k, r in results.items()},
+        hist={k: np.histogram(r.scores.to_numpy(), bins=_HIST_BINS, range=(0, 1))[0] for k, r in results.items()},
+        findings={k: r.findings for k, r in results.items()}, info={k: dict(r.info) for k, r in results.items()})
+
+
+@dataclass
+class Streamed:
+    """The result of :func:`sanitize_streamed`: per-shard outcomes plus the merged findings. The
+    records stay in their shard files; :meth:`shards` reads them back one shard at a time with
+    their full decisions (the frame :func:`poisonguard.sanitize.fuse` gives)."""
+
+    outcomes: list[ShardOutcome]
+    findings: list[Finding]             # every detector's, merged across shards, largest first
+    detectors: dict[str, dict[str, Any]]  # per detector: flagged, review, findings, info
+    histograms: dict[str, list[int]]
+    seconds: dict[str, float]
+    titles: dict[str, str] = field(default_factory=dict)   # id -> title of its best finding
+    llm_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(o.n for o in self.outcomes)
+
+    def decisions(self, k: int, ids: pd.Index) -> pd.DataFrame:
+        """The decisions of shard ``k`` (``ids``: its ids, in file order)."""
+        o = self.outcomes[k]
+        if len(ids) != o.n:
+            raise ValueError(f"{o.shard}: {len(ids)} rows now, {o.n} when it was scored (did the file change?)")
+        index = pd.Index(ids, name=S.ID)
+        det = np.full(o.n, "", dtype=object)
+        ev = np.full(o.n, "", dtype=object)
+        if len(o.fired):
+            pos = index.get_indexer(o.fired.index)
+            if (pos < 0).any():
+                raise ValueError(f"{o.shard}: ids changed since the shard was scored")
+            det[pos] = o.fired[S.DETECTORS].to_numpy()
+            ev[pos] = o.fired[S.EVIDENCE].to_numpy()
+        titles = self.titles
+        return pd.DataFrame({S.DECISION: np.asarray(DECISIONS, dtype=object)[o.decision], S.SCORE: o.score,
+                             S.DETECTORS: det, S.EVIDENCE: ev,
+                             S.FINDING: [titles.get(rid, "") for rid in index] if titles else [""] * o.n},
+                            index=index)
+
+    def shards(self) -> Iterable[tuple[pd.DataFrame, pd.DataFrame]]:
+        """(records, decisions) of every shard, one shard in memory at a time."""
+        for k, o in enumerate(self.outcomes):
+            records = io.read_records(Path(o.shard))
+            yield records, self.decisions(k, pd.Index(records[S.ID]))
+
+
+def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, map_: MapFn = map,
+                      merge_: Callable[[list[list[Any]], SanitizeConfig], Any] = merge_groups,
+                      progress: Callable[[str], None] | None = None) -> Streamed:
+    """:func:`sanitize_sharded` for data that stays on disk: the per-shard steps read their shard
+    file, the score step fuses its decisions and returns a :class:`ShardOutcome`, so this process
+    holds about 9 bytes per row (decision and score) plus the fired rows and the findings, never
+    the records (at 5M rows the records alone are ~3 GB in pandas). Same decisions and findings
+    as :func:`sanitize_sharded` over the same shards (``tests/test_sharded.py``). The LLM review
+    is not run here (it samples kept rows of the whole set; :func:`sanitize_sharded` runs it): with
+    the review enabled and an API key set this raises."""
+    from poisonguard import llm_review
+
+    skipped = llm_review.skip_reason(cfg.llm_review)
+    if skipped is None:
+        raise ValueError("sanitize_streamed does not run the LLM review; use sanitize_sharded "
+                         "(it loads the records) or disable llm_review")
+    t0 = time.perf_counter()
+    shards = [Path(p) for p in shard_files]
+    if not shards:
+        raise ValueError("sanitize_streamed: no shard files")
+    k = len(shards)
+    if progress:
+        progress("summarize")
+    summaries = [list(map_(summarize_shard, shards, [cfg] * k, [g] * k)) for g in groups(cfg)]
+    stats = merge_(summaries, cfg)
+    del summaries
+    if progress:
+        progress("score")
+    outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k))
+    del stats
+    keys = np.concatenate([o.keys for o in outcomes])
+    if len(np.unique(keys)) != len(keys):
+        _raise_repeated(outcomes)
+    names = list(outcomes[0].flagged)
+    merged = {name: _merge_findings(f for o in outcomes for f in o.findings[name]) for name in names}
+    findings = sorted((f for fs in merged.values() for f in fs),
+                      key=lambda f: (-len(f.ids), -f.score, f.detector, f.title))
+    from poisonguard.sanitize import finding_titles
+
+    detectors = {name: {"flagged": sum(o.flagged[name] for o in outcomes),
+                        "review": sum(o.review[name] for o in outcomes),
+                        "seconds": None, "findings": len(merged[name]), "info": outcomes[0].info[name]}
+                 for name in names}
+    hist = {name: np.sum([o.hist[name] for o in outcomes], axis=0).astype(int).tolist() for name in names}
+    seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
+    return Streamed(outcomes, findings, detectors, hist, seconds, finding_titles(findings),
+                    {"ran": False, "reason": skipped})
+
+
+def _raise_repeated(outcomes: Sequence[ShardOutcome]) -> None:
+    """Name the repeated ids (a shared 64-bit id hash is checked on the ids themselves)."""
+    keys = np.concatenate([o.keys for o in outcomes])
+    vals, counts = np.unique(keys, return_counts=True)
+    rep = set(vals[counts > 1].tolist())
+    seen: dict[str, int] = {}
+    dup: list[str] = []
+    for o in outcomes:
+        hit = np.flatnonzero(np.isin(o.keys, list(rep)))
+        if not len(hit):
+            continue
+        ids = io.read_parquet(Path(o.shard), (S.ID,))[S.ID].to_numpy()[hit]
+        for rid in ids:
+            seen[rid] = seen.get(rid, 0) + 1
+            if seen[rid] == 2:
+                dup.append(str(rid))
+    if dup:
+        raise ValueError(f"record ids must be unique; repeated: {dup[:3]}")

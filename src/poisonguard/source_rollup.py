@@ -90,6 +90,22 @@ def rollup(decisions: pd.DataFrame, records: pd.DataFrame, *, alpha: float = 0.0
         "quarantined": g.apply(lambda s: int((s == S.QUARANTINE).sum())),
         "review": g.apply(lambda s: int((s == S.REVIEW).sum())),
     })
+    return rollup_counts(out, alpha=alpha, min_suspicious=min_suspicious, review_weight=review_weight,
+                         confidence=confidence)
+
+
+def rollup_counts(counts: pd.DataFrame, *, alpha: float = 0.01, min_suspicious: int = 3,
+                  review_weight: float = 1.0, confidence: float = 0.95) -> pd.DataFrame:
+    """:func:`rollup` from the decision counts per source (index: source; columns ``rows``,
+    ``quarantined``, ``review``): the counts add up over shards, so a streamed run rolls up
+    without holding a row per record."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if not 0 <= review_weight <= 1:
+        raise ValueError(f"review_weight must lie in [0, 1], got {review_weight!r}")
+    out = counts[["rows", "quarantined", "review"]].copy()
+    out.index = out.index.astype(str).rename(S.SOURCE)
+    out = out.sort_index()
     if out.empty:
         return pd.DataFrame(columns=list(COLUMNS))
     out["suspicious"] = out["quarantined"] + out["review"]

@@ -16,9 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from poisonguard import audit, code_version, io, lineage, overrides, paths, provenance
+from poisonguard import audit, code_version, io, lineage, llm_review, overrides, paths, provenance
 from poisonguard import report as rpt
 from poisonguard import schema as S
 from poisonguard.config import IncrementalConfig, IngestConfig, SanitizeConfig, section
@@ -147,12 +148,18 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     from poisonguard.source_rollup import rollup
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    records = io.read_records(in_dir / paths.RECORDS_FILE)
     rejected = io.read_parquet(in_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
     ingest_summary = read_json(in_dir / "ingest.json")
     snap_root = ""
     if provenance_dir is not None and (Path(provenance_dir) / paths.SNAPSHOT_FILE).is_file():
         snap_root = read_json(Path(provenance_dir) / paths.SNAPSHOT_FILE)["snapshot_root"]
+    files = io.shard_files(in_dir / paths.RECORDS_FILE) if (in_dir / paths.RECORDS_FILE).is_dir() else []
+    if n_shards > 1 and len(files) == n_shards and not (incremental is not None and incremental.enabled) \
+            and llm_review.skip_reason(cfg.llm_review) is not None and not cfg.reference:
+        # ingest's shards are the split: the records stay on disk (see _sanitize_streamed)
+        return _sanitize_streamed(cfg, files, rejected, ingest_summary, snap_root, out_dir, progress,
+                                  map_ or map, merge_)
+    records = io.read_records(in_dir / paths.RECORDS_FILE)
     reference = _load_reference(cfg.reference) if cfg.reference else None
     t0 = time.perf_counter()
     if n_shards > 1 and reference is not None:
@@ -211,6 +218,183 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     if inc_info is not None:
         out["incremental"] = {k: inc_info[k] for k in ("mode", "reason", "new", "delta") if k in inc_info}
     return out
+
+
+def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.DataFrame, ingest_summary: dict[str, Any],
+                       snap_root: str, out_dir: Path, progress: Progress, map_: Callable[..., Any],
+                       merge_: Callable[..., Any] | None) -> dict[str, Any]:
+    """:func:`sanitize` on ingest's shard files without loading the records: the detectors run
+    through :func:`poisonguard.sharded.sanitize_streamed`, then every shard is read back once to
+    lay the overrides over its decisions and append its rows to the clean / quarantine /
+    decisions files; the report adds the shards' counts up. Same files and report as the
+    in-memory sharded run (``tests/test_sharded.py``); this process holds one shard at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from poisonguard import sharded
+    from poisonguard import textfeat as tf
+    from poisonguard.source_rollup import rollup_counts
+
+    t0 = time.perf_counter()
+    st = sharded.sanitize_streamed(files, cfg, map_, merge_ or sharded.merge_groups, progress)
+    standing = overrides.load(cfg.overrides)
+    if progress:
+        progress("write")
+    dec_fields = [pa.field(S.DECISION, pa.string()), pa.field(S.SCORE, pa.float64()),
+                  pa.field(S.DETECTORS, pa.string()), pa.field(S.EVIDENCE, pa.string()),
+                  pa.field(S.FINDING, pa.string())]
+    rec_schema = pq.read_schema(files[0]).remove_metadata()
+    rec_schema = pa.schema([f for f in rec_schema if f.name not in {x.name for x in dec_fields}])
+    out_schema = pa.schema(list(rec_schema) + dec_fields)
+    dec_schema = pa.schema([pa.field(S.ID, pa.string())] + dec_fields)
+    # the report's top findings: their rows' source and decision, and the first examples of each
+    present = np.sort(np.concatenate([o.keys for o in st.outcomes]))
+    top_ids: set[str] = set()
+    example_ids: set[str] = set()
+    found_rows: dict[str, tuple[str, str]] = {}
+    examples: dict[str, dict[str, Any]] = {}
+    applied_parts: list[tuple[list[Any], dict[str, int]]] = []
+    per_source: dict[str, list[int]] = {}
+    counts = {S.KEEP: 0, S.REVIEW: 0, S.QUARANTINE: 0}
+    clean_n = quar_n = 0
+    held_ids: list[str] = []
+    held_sources: dict[str, int] = {}
+    n_top = rpt.TOP_FINDINGS
+
+    def note_top(findings: list[Any]) -> None:
+        for f in findings[:n_top]:
+            h = tf.stable_hash(np.array(f.ids, dtype=object))
+            pos = np.minimum(np.searchsorted(present, h), max(len(present) - 1, 0))
+            known = present[pos] == h if len(present) else np.zeros(len(h), bool)
+            ids = [i for i, k in zip(f.ids, known) if k]
+            top_ids.update(ids)
+            example_ids.update(ids[:rpt.EXAMPLES_PER_FINDING])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with sharded.FrameSink(out_dir / paths.CLEAN_FILE, schema=out_schema, empty=out_schema.empty_table().to_pandas()) \
+            as clean_sink, \
+            sharded.FrameSink(out_dir / paths.QUARANTINE_FILE, schema=out_schema,
+                              empty=out_schema.empty_table().to_pandas()) as quar_sink, \
+            sharded.FrameSink(out_dir / paths.DECISIONS_FILE, schema=dec_schema,
+                              empty=dec_schema.empty_table().to_pandas()) as dec_sink:
+        # the override findings lead the list (as in sanitize): their top rows are known only after
+        # every shard has been read, so their examples come from a second look at those shards
+        note_top(st.findings)
+        for records, dec in st.shards():
+            if standing:
+                dec, extra, applied = overrides.apply(dec, records, standing)
+                applied_parts.append((extra, applied))
+            d = dec[S.DECISION].to_numpy()
+            keep = (d == S.KEEP) | ((d == S.REVIEW) & (not cfg.hold_review))
+            rec = records.drop(columns=[f.name for f in dec_fields if f.name in records.columns])
+            joined = pd.concat([rec.reset_index(drop=True), dec.reset_index(drop=True)], axis=1)
+            clean_sink.write(joined[keep])
+            quar_sink.write(joined[~keep])
+            dec_sink.write(dec.reset_index())
+            clean_n += int(keep.sum())
+            quar_n += int((~keep).sum())
+            for name in counts:
+                counts[name] += int((d == name).sum())
+            src = records[S.SOURCE].astype(str).to_numpy()
+            for s_, q, r, m in zip(*_source_counts(src, d)):
+                c = per_source.setdefault(s_, [0, 0, 0])
+                c[0] += m
+                c[1] += q
+                c[2] += r
+            ids = records[S.ID].to_numpy(dtype=object)
+            held = ~keep
+            held_ids += [str(x) for x in ids[held]]
+            for s_, m in zip(*np.unique(src[held], return_counts=True)):
+                held_sources[s_] = held_sources.get(s_, 0) + int(m)
+            _collect_examples(records, dec, top_ids, example_ids, found_rows, examples)
+            del records, dec, joined, rec
+    findings = list(st.findings)
+    if standing:
+        extra, applied = overrides.merge_applied(applied_parts, standing)
+        findings = extra + findings
+        log.info("overrides (%s): %s", cfg.overrides, applied)
+        if extra:
+            # the override findings change the top list and its rows' decisions: look again
+            top_ids.clear()
+            example_ids.clear()
+            note_top(findings)
+            found_rows.clear()
+            examples.clear()
+            for records, dec in _reread(out_dir / paths.DECISIONS_FILE, st, top_ids):
+                _collect_examples(records, dec, top_ids, example_ids, found_rows, examples)
+    top = []
+    for f in findings[:n_top]:
+        d = f.to_dict()
+        ids = [i for i in f.ids if i in found_rows]
+        d["sources"] = pd.Series([found_rows[i][0] for i in ids], dtype=object).value_counts().to_dict() if ids else {}
+        d["decisions"] = pd.Series([found_rows[i][1] for i in ids], dtype=object).value_counts().to_dict() \
+            if ids else {}
+        d["examples"] = [examples[i] for i in ids[:rpt.EXAMPLES_PER_FINDING]]
+        d["ids"] = d["ids"][:200]
+        top.append(d)
+    src_counts = pd.DataFrame.from_dict(per_source, orient="index", columns=["rows", "quarantined", "review"])
+    per_src = rollup_counts(src_counts)
+    rep = rpt.build_sanitize_report(
+        {"records": st.rows, "keep": counts[S.KEEP], "review": counts[S.REVIEW],
+         "quarantine": counts[S.QUARANTINE]}, clean=clean_n, quarantined=quar_n,
+        rows_in=ingest_summary["rows_in"], rejected=rejected, findings=top,
+        detectors={k: {**v, "info": rpt._jsonable(v["info"])} for k, v in st.detectors.items()},
+        histograms=st.histograms, hold_review=cfg.hold_review,
+        llm_summary=st.llm_summary, snapshot_root=snap_root,
+        per_source=per_src, inputs=ingest_summary.get("inputs"))
+    rep["seconds"] = round(time.perf_counter() - t0, 3)
+    rep["code_version"] = code_version()
+    rep["params"] = section(cfg)
+    rep["streamed"] = {"shards": len(files)}
+    io.write_parquet(rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
+    rpt.write_reports(rep, out_dir)
+    if held_ids:
+        audit.record(audit.QUARANTINED, subject={"sanitized_dir": str(out_dir), "snapshot_root": snap_root,
+                                                 "ids_ref": lineage.save_ids(pd.Series(held_ids), "quarantine")},
+                     reason=f"sanitize: {len(held_ids)} rows held out of training by the detectors",
+                     details={"counts": rep["counts"], "verdict": rep["verdict"],
+                              "sources": dict(sorted(held_sources.items(), key=lambda kv: (-kv[1], kv[0]))),
+                              "findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:10]]})
+    return {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
+            "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
+            "report": str(out_dir / paths.REPORT_HTML), "seconds": rep["seconds"]}
+
+
+def _source_counts(src: Any, d: Any) -> tuple[list[str], list[int], list[int], list[int]]:
+    """Per source of one shard: (sources, quarantined, review, rows)."""
+    frame = pd.DataFrame({"s": src, "q": d == S.QUARANTINE, "r": d == S.REVIEW})
+    g = frame.groupby("s", sort=True)
+    q, r, m = g["q"].sum(), g["r"].sum(), g.size()
+    return list(q.index), [int(x) for x in q], [int(x) for x in r], [int(x) for x in m]
+
+
+def _collect_examples(records: pd.DataFrame, dec: pd.DataFrame, top_ids: set[str], example_ids: set[str],
+                      found_rows: dict[str, tuple[str, str]], examples: dict[str, dict[str, Any]]) -> None:
+    """Source and decision of the rows of the report's top findings, and their example rows."""
+    if not top_ids:
+        return
+    ids = records[S.ID].to_numpy(dtype=object)
+    hit = np.flatnonzero(pd.Index(ids).isin(list(top_ids)))
+    if not len(hit):
+        return
+    sub = records.iloc[hit].set_index(S.ID)
+    for rid in sub.index:
+        found_rows[rid] = (sub.at[rid, S.SOURCE], dec.at[rid, S.DECISION])
+        if rid in example_ids:
+            examples[rid] = rpt._example(sub, dec, rid)
+
+
+def _reread(decisions_file: Path, st: Any, top_ids: set[str]) -> Any:
+    """(records, final decisions) of the shards holding some of ``top_ids`` (after overrides)."""
+    import pyarrow.parquet as pq
+
+    final = pq.read_table(decisions_file, filters=[(S.ID, "in", sorted(top_ids))]).to_pandas().set_index(S.ID)
+    for o in st.outcomes:
+        records = io.read_records(Path(o.shard))
+        mask = records[S.ID].isin(final.index).to_numpy()
+        if mask.any():
+            sub = records[mask]
+            yield sub, final.loc[sub[S.ID]]
 
 
 def _load_reference(path: str) -> pd.DataFrame:
