@@ -68,3 +68,33 @@ def test_chat_hash_normalises_sharegpt(jsonl):
                               "b.jsonl")])
     assert a.records[S.CONTENT_HASH].iloc[0] == b.records[S.CONTENT_HASH].iloc[0]
     assert json.loads(a.records[S.MESSAGES].iloc[0])[0]["role"] == "user"
+
+
+def test_manifest_read_from_parquet_equals_the_frame_version(tmp_path):
+    """``read_manifest`` reads only the manifest columns (of one file or a shard folder) and sorts
+    with Arrow: the same manifest and root as the pandas path, repeated ids and non-ASCII ids included."""
+    import pandas as pd
+
+    from poisonguard import demo, sharded
+    from tests.fixtures import records as to_records
+
+    rows = demo.generate_corpus(300, seed=2, source="s1", id_prefix="r")
+    recs = to_records(rows)
+    recs.loc[5, S.ID] = "é-first"
+    recs.loc[6, S.ID] = "Z-upper"
+    recs.loc[7, S.ID] = recs.loc[8, S.ID]          # a repeated id with another source: order by (id, source, hash)
+    recs.loc[7, S.SOURCE] = "s0"
+    single = io.write_records(recs, tmp_path / "one.parquet")
+    folder = tmp_path / "sharded"
+    sharded.write_shards(recs, folder, 3)
+    want = provenance.manifest(recs)
+    for path in (single, folder):
+        man = provenance.read_manifest(path)
+        pd.testing.assert_frame_equal(man.to_pandas(), want)
+        assert provenance.root_of_manifest(man, batch_rows=7) == provenance.root_of(recs)
+    assert provenance.root_of_manifest(provenance.read_manifest(single)) != \
+        provenance.root_of_manifest(provenance.read_manifest(io.write_records(recs.iloc[1:], tmp_path / "b.parquet")))
+    import pytest
+
+    with pytest.raises(io.InputFileError, match="no such file"):
+        provenance.read_manifest(tmp_path / "missing.parquet")

@@ -139,7 +139,12 @@ def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
         seen.extend(type(x) for x in iterables[0])
         return list(map(fn, *iterables))
 
-    stages.provenance_stage(ing, tmp_path / "prov")
+    # provenance reads the shards' manifest columns only: the same manifest and root as from the frame
+    from poisonguard import provenance
+
+    snap = stages.provenance_stage(ing, tmp_path / "prov")
+    assert snap["snapshot_root"] == provenance.root_of(back) and snap["rows"] == len(back)
+    pd.testing.assert_frame_equal(io.read_parquet(tmp_path / "prov" / paths.MANIFEST_FILE), provenance.manifest(back))
     res = stages.sanitize(CFG, ing, tmp_path / "san", tmp_path / "prov", n_shards=4, map_=spy_map)
     assert seen and all(issubclass(t, Path) for t in seen)
     q = io.read_parquet(tmp_path / "san" / paths.QUARANTINE_FILE)

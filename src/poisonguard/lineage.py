@@ -50,6 +50,21 @@ def register_snapshot(records: pd.DataFrame, state: Path | str | None = None) ->
     return root, path
 
 
+def register_manifest(root: str, manifest: Any, state: Path | str | None = None) -> Path:
+    """:func:`register_snapshot` for a manifest already read and sorted
+    (:func:`poisonguard.provenance.read_manifest`, a pyarrow table) and its root."""
+    import pyarrow.parquet as pq
+
+    d = audit.state_dir(state) / SNAPSHOTS_DIR
+    path = d / f"{root}.parquet"
+    if not path.is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(manifest, tmp)
+        tmp.replace(path)
+    return path
+
+
 def save_ids(ids: Iterable[str], label: str, state: Path | str | None = None) -> dict[str, Any]:
     """Store an id list content-addressed; returns ``{"ids_file", "ids_sha256", "count"}`` for an audit entry."""
     ids = sorted(set(map(str, ids)))

@@ -29,6 +29,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -85,6 +86,46 @@ def manifest(records: pd.DataFrame) -> pd.DataFrame:
 
 def root_of(records: pd.DataFrame) -> str:
     return snapshot_root(records[S.ID].tolist(), records[S.SOURCE].tolist(), records[S.CONTENT_HASH].tolist())
+
+
+def read_manifest(path: Any, batch_rows: int = 200_000) -> Any:
+    """:func:`manifest` of the records at ``path`` (one Parquet file or a folder of shards) as a
+    pyarrow table: only the manifest columns are read (never the texts) and the sort is Arrow's
+    (stable, like pandas'), so 5M rows cost ~1 GB rather than the whole records frame."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from poisonguard import io
+
+    path = Path(path)
+    parts = io.shard_files(path) if path.is_dir() else [path]
+    if not path.exists() or not parts:
+        raise io.InputFileError(f"{path}: no such file (did the previous stage run?)")
+    try:
+        tables = [pq.read_table(p, columns=list(MANIFEST_COLUMNS)) for p in parts]
+    except (pa.ArrowException, OSError) as e:
+        raise io.InputFileError(f"{path}: cannot read the manifest columns {list(MANIFEST_COLUMNS)}: {e}") from e
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    del tables
+    table = table.replace_schema_metadata(None).combine_chunks()
+    return table.take(pc.sort_indices(table, sort_keys=[(S.ID, "ascending")]))
+
+
+def root_of_manifest(table: Any, batch_rows: int = 200_000) -> str:
+    """:func:`snapshot_root` of a manifest table (:func:`read_manifest`), a batch at a time."""
+    import pyarrow.compute as pc
+
+    cols = [S.ID, S.SOURCE, S.CONTENT_HASH]
+    t = table.select(cols)
+    if pc.count_distinct(t.column(S.ID)).as_py() != t.num_rows:
+        # repeated ids: the root sorts whole (id, source, hash) lines
+        t = t.take(pc.sort_indices(t, sort_keys=[(c, "ascending") for c in cols]))
+    h = hashlib.sha256()
+    for batch in t.to_batches(max_chunksize=batch_rows):
+        ids, src, hs = (batch.column(c).to_pylist() for c in cols)
+        h.update("".join(f"{i}\t{s}\t{c}\n" for i, s, c in zip(ids, src, hs, strict=True)).encode())
+    return h.hexdigest()
 
 
 def rehash(records: pd.DataFrame) -> pd.Series:

@@ -38,6 +38,7 @@ from poisonguard import schema as S
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
 from poisonguard.detectors.base import DetectorResult, Finding
+from poisonguard.textfeat import RowTable
 
 Summaries = dict[str, Any]
 Stats = dict[str, Any]
@@ -189,10 +190,19 @@ def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
 
     records = _load(shard)
     try:
-        return {name: det.summarize(records) for name, det in _detectors(cfg).items()
-                if names is None or name in names}
+        out = {name: det.summarize(records) for name, det in _detectors(cfg).items()
+               if names is None or name in names}
     finally:
         release_caches()
+    # the detectors sharing the token table get one table object (the table cache has one slot:
+    # concurrent summaries in one process may have built it twice), so the merge that consumes it
+    # (RowTable.concat(consume=True)) hands the joined table to the group's other detector
+    same: dict[tuple[int, int], Any] = {}
+    for name, summary in out.items():
+        limits = summary.__dict__.get("_limits") if isinstance(summary, RowTable) else None
+        if limits is not None:
+            out[name] = same.setdefault(limits, summary)
+    return out
 
 
 def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stats:

@@ -104,16 +104,24 @@ def ingest(cfg: IngestConfig, out_dir: Path = paths.INGESTED, inputs: Sequence[P
 # ---------------------------------------------------------------- provenance
 
 def provenance_stage(in_dir: Path = paths.INGESTED, out_dir: Path = paths.PROVENANCE) -> dict[str, Any]:
-    """Manifest (id, hash, source, file, line, times) and the snapshot root of the ingested data."""
-    records = io.read_records(Path(in_dir) / paths.RECORDS_FILE)
-    man = provenance.manifest(records)
+    """Manifest (id, hash, source, file, line, times) and the snapshot root of the ingested data.
+    Reads only the manifest columns (one file or ingest's shards; never the texts)."""
+    import pyarrow.parquet as pq
+
+    man = provenance.read_manifest(Path(in_dir) / paths.RECORDS_FILE)
+    root = provenance.root_of_manifest(man)
     out_dir = Path(out_dir)
-    io.write_parquet(man, out_dir / paths.MANIFEST_FILE, provenance.MANIFEST_COLUMNS)
-    snap = {"snapshot_root": provenance.root_of(records), "rows": int(len(records)),
-            "sources": records[S.SOURCE].value_counts().sort_index().to_dict(),
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(man, out_dir / paths.MANIFEST_FILE)
+    vc = man.column(S.SOURCE).value_counts().to_pylist()
+    sources = {str(x["values"]): int(x["counts"]) for x in sorted(vc, key=lambda x: x["values"])}
+    snap = {"snapshot_root": root, "rows": int(man.num_rows), "sources": sources,
             "hash": "sha256", "canonical_form": "see poisonguard.provenance"}
     _write_json(out_dir / paths.SNAPSHOT_FILE, snap)
-    _record_snapshot(records, "ingest", out_dir)
+    members = lineage.register_manifest(root, man)
+    audit.record(audit.SNAPSHOT, subject={"snapshot_root": root, "kind": "ingest", "path": str(out_dir)},
+                 reason="ingest snapshot", details={"rows": int(man.num_rows), "members": str(members),
+                                                   "sources": sources})
     return snap
 
 

@@ -700,8 +700,8 @@ class RowTable:
     the rows were sharded.
     """
 
-    ids: np.ndarray        # object: record ids
-    key: np.ndarray        # uint64: stable hash of the id (sort order)
+    key: np.ndarray        # uint64: stable hash of the id (sort order; the ids themselves stay with
+                           # the records: 66 MB of strings per 1M rows that no analysis reads)
     kind: np.ndarray       # uint8: KIND_CODES
     ctx: np.ndarray        # uint64: task key (instruction / first chat turn template)
     tmpl: np.ndarray       # uint64: response template hash
@@ -719,7 +719,7 @@ class RowTable:
 
     @property
     def n(self) -> int:
-        return len(self.ids)
+        return len(self.key)
 
     @classmethod
     def build(cls, records: pd.DataFrame, max_prompt_chars: int = 4000,
@@ -734,6 +734,7 @@ class RowTable:
         table = cls._join([cls._build(records.iloc[order[lo:lo + chunk_rows]], max_prompt_chars, max_response_chars)
                            for lo in range(0, len(records), max(int(chunk_rows), 1))], consume=True)
         trim_heap()
+        table.__dict__["_limits"] = (int(max_prompt_chars), int(max_response_chars))
         return table
 
     @classmethod
@@ -766,7 +767,11 @@ class RowTable:
                 for t in parts:
                     setattr(t, name, None)
                 trim_heap()   # the chunks' arrays live in the heap: give them back field by field
-        return cls(**cols)
+        out = cls(**cols)
+        limits = {t.__dict__.get("_limits") for t in parts}
+        if len(limits) == 1 and None not in limits:
+            out.__dict__["_limits"] = limits.pop()   # the tokeniser's limits the parts were built with
+        return out
 
     @classmethod
     def _build(cls, records: pd.DataFrame, max_prompt_chars: int, max_response_chars: int) -> RowTable:
@@ -804,7 +809,7 @@ class RowTable:
             itok = tokenize(instr[ins_rows], max_chars=max_prompt_chars)
             p_ins[ins_rows] = np.minimum(np.diff(itok.indptr), p_req[ins_rows])
         vocab, vocab_stem = _vocabulary([ptok.hashes, rtok.hashes], [ptok.stems, rtok.stems])
-        return cls(ids=ids, key=stable_hash(ids), kind=kind, ctx=ctx, tmpl=tmpl,
+        return cls(key=stable_hash(ids), kind=kind, ctx=ctx, tmpl=tmpl,
                    p_indptr=ptok.indptr, p_hash=ptok.hashes, p_cls=ptok.cls, r_indptr=rtok.indptr,
                    r_hash=rtok.hashes, r_cls=rtok.cls, vocab=vocab, vocab_stem=vocab_stem,
                    p_req=p_req.astype(np.int64), p_ins=p_ins.astype(np.int64))
@@ -837,13 +842,24 @@ class RowTable:
             return table
 
     @classmethod
-    def concat(cls, tables: Sequence[RowTable]) -> RowTable:
+    def concat(cls, tables: Sequence[RowTable], consume: bool = False) -> RowTable:
         """All rows of ``tables`` in ascending ``key`` order (independent of the sharding). The
         trigger and response detectors merge the same shard tables one after the other: the last
-        result is reused while those tables are alive (one table in memory, not two)."""
+        result is reused while those tables are alive (one table in memory, not two).
+
+        ``consume``: empty the shard tables field by field as they are joined (a merge step owns
+        its summaries: at 5M rows keeping them beside the joined table cost another 2.2 GB); a
+        consumed table still names its concatenation for the other detector of the group, and any
+        other use of it raises."""
         import weakref
 
         tables = [t for t in tables if t is not None]
+        if any(t.key is None for t in tables):
+            joined = tables[0].__dict__.get("_consumed_into")
+            if joined is not None and all(t.__dict__.get("_consumed_into") is joined for t in tables):
+                return joined
+            raise ValueError("a token table was consumed by an earlier merge (RowTable.concat(consume=True)); "
+                             "summarise its shard again")
         if not tables:
             return cls.empty()
         if len(tables) == 1 and (tables[0].n < 2 or bool((tables[0].key[1:] >= tables[0].key[:-1]).all())):
@@ -852,21 +868,26 @@ class RowTable:
             hit = _TABLE_CACHE.get("concat")
             if hit is not None and len(hit[0]) == len(tables) and all(r() is t for r, t in zip(hit[0], tables)):
                 return hit[1]
-        table = cls._concat(tables)
+        table = cls._concat(tables, consume)
+        if consume:
+            # each consumed shard table names the joined one (whatever other merges of this
+            # process do to the caches meanwhile): the group's other detector gets it from them
+            for t in tables:
+                t.__dict__["_consumed_into"] = table
         with _TABLE_LOCK:
             _TABLE_CACHE["concat"] = ([weakref.ref(t) for t in tables], table)
         return table
 
     @classmethod
-    def _concat(cls, tables: list[RowTable]) -> RowTable:
+    def _concat(cls, tables: list[RowTable], consume: bool = False) -> RowTable:
         order = np.argsort(np.concatenate([t.key for t in tables]), kind="stable")
-        return cls._join(tables, order)
+        return cls._join(tables, order, consume=consume)
 
     @classmethod
     def empty(cls) -> RowTable:
         z8 = np.zeros(0, dtype=np.uint64)
         zi = np.zeros(1, dtype=np.int64)
-        return cls(ids=np.zeros(0, dtype=object), key=z8, kind=np.zeros(0, np.uint8), ctx=z8.copy(), tmpl=z8.copy(),
+        return cls(key=z8, kind=np.zeros(0, np.uint8), ctx=z8.copy(), tmpl=z8.copy(),
                    p_indptr=zi, p_hash=z8.copy(), p_cls=np.zeros(0, np.uint8), r_indptr=zi.copy(),
                    r_hash=z8.copy(), r_cls=np.zeros(0, np.uint8), vocab=z8.copy(), vocab_stem=z8.copy(),
                    p_req=np.zeros(0, dtype=np.int64), p_ins=np.zeros(0, dtype=np.int64))

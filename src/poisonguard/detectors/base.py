@@ -120,7 +120,8 @@ class Detector(ABC):
         return None
 
     def merge(self, summaries: Sequence[Any]) -> Any:
-        """Merge per-shard summaries into global statistics. Default: none."""
+        """Merge per-shard summaries into global statistics. Default: none. A merge may consume
+        its summaries (the token table's detectors do): nothing reads them after it."""
         return None
 
     @abstractmethod

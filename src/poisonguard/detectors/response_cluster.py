@@ -143,7 +143,7 @@ class ResponseClusterDetector(Detector):
 
     def merge(self, summaries: list[tf.RowTable]) -> _Stats:
         self._check_params()
-        return _analyse(tf.RowTable.concat(summaries), self)
+        return _analyse(tf.RowTable.concat(summaries, consume=True), self)
 
     def score_with(self, records: pd.DataFrame, stats: _Stats) -> DetectorResult:
         ids = tf.column(records, S.ID)

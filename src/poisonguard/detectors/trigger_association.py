@@ -203,7 +203,8 @@ class TriggerAssociationDetector(Detector):
 
     def merge(self, summaries: list[tf.RowTable]) -> _Stats:
         self._check_params()
-        table = tf.RowTable.concat(summaries)
+        # the merge owns its summaries: joined field by field and dropped (not kept beside the table)
+        table = tf.RowTable.concat(summaries, consume=True)
         return _analyse(table, self)
 
     def score_with(self, records: pd.DataFrame, stats: _Stats) -> DetectorResult:
