@@ -3,6 +3,7 @@ LocalCluster (the engine the distributed flow uses)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -95,7 +96,8 @@ def test_dask_local_cluster_gives_the_same_result(frame):
     assert ("trigger_association", "response_cluster") in groups
     assert sorted(n for g in groups for n in g) == sorted(CFG.detectors) and len(groups) == len(CFG.detectors) - 1
     merged: list[tuple[str, ...]] = []
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cl, \
+    # worker processes: summaries cross a real transport to the merging worker
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             distributed.Client(cl) as client:
         def dmap(fn, *iterables):
             futures = client.map(fn, *iterables, pure=False)
@@ -232,3 +234,26 @@ def io_write(frame: pd.DataFrame, path):
     from poisonguard import io
 
     return io.write_records(frame.reset_index(drop=True), path)
+
+
+def test_shard_summaries_travel_as_one_object(frame):
+    """Dask serialises a plain dict value by value: the token table the trigger and response
+    detectors share would arrive on the merging worker as two copies (and the merge that consumes
+    one could not hand the join to the other). A shard's summaries travel whole; a merge given
+    copies points the detectors at one table again."""
+    import pickle
+
+    recs, _ = frame
+    group = ("trigger_association", "response_cluster")
+    s = sharded.summarize_shard(recs.iloc[:200], CFG, group)
+    assert type(s) is sharded.ShardSummaries and s[group[0]] is s[group[1]]
+    back = pickle.loads(pickle.dumps(s))
+    assert type(back) is sharded.ShardSummaries and back[group[0]] is back[group[1]]
+    copies = [{name: pickle.loads(pickle.dumps(x[name])) for name in group}
+              for x in (s, sharded.summarize_shard(recs.iloc[200:400], CFG, group))]
+    assert copies[0][group[0]] is not copies[0][group[1]]
+    want = sharded.merge_summaries([pickle.loads(pickle.dumps(x)) for x in copies], CFG)
+    got = sharded.merge_summaries(copies, CFG)
+    assert set(got) == set(group)
+    for name in group:
+        assert np.array_equal(got[name].score, want[name].score) and np.array_equal(got[name].key, want[name].key)

@@ -194,15 +194,30 @@ def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
                if names is None or name in names}
     finally:
         release_caches()
-    # the detectors sharing the token table get one table object (the table cache has one slot:
-    # concurrent summaries in one process may have built it twice), so the merge that consumes it
-    # (RowTable.concat(consume=True)) hands the joined table to the group's other detector
+    return ShardSummaries(_share_tables(out))
+
+
+class ShardSummaries(dict):
+    """One shard's summaries (detector name -> summary). A dict subclass so that Dask pickles it
+    whole: a plain dict is serialised value by value, which turns the one token table the trigger
+    and response detectors share into two copies on the merging worker (twice the transfer and
+    memory, and the merge's consumed table no longer names its join for the other detector)."""
+
+    def __reduce__(self):  # noqa: ANN204 - pickle as this class, not as a plain dict
+        return (ShardSummaries, (dict(self),))
+
+
+def _share_tables(summaries: dict[str, Any]) -> dict[str, Any]:
+    """Point the detectors whose token tables were built with the same limits from the same rows
+    at one table object (the table cache has one slot: concurrent summaries in one process may
+    have built it twice), so the merge that consumes it (``RowTable.concat(consume=True)``) hands
+    the joined table to the group's other detector."""
     same: dict[tuple[int, int], Any] = {}
-    for name, summary in out.items():
+    for name, summary in summaries.items():
         limits = summary.__dict__.get("_limits") if isinstance(summary, RowTable) else None
         if limits is not None:
-            out[name] = same.setdefault(limits, summary)
-    return out
+            summaries[name] = same.setdefault(limits, summary)
+    return summaries
 
 
 def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stats:
@@ -211,6 +226,9 @@ def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stat
     from poisonguard.sanitize import release_caches
 
     present = set(summaries[0]) if summaries else set(cfg.detectors)
+    # whatever carried them here (a transport that copies value by value), a shard's detectors
+    # sharing one token table read one object again
+    summaries = [_share_tables(dict(s)) for s in summaries]
     try:
         return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()
                 if name in present}
