@@ -157,12 +157,13 @@ def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
     assert (ing / paths.RECORDS_FILE).is_file()
 
 
-@pytest.mark.parametrize("hold_review", [False, True])
-def test_streamed_stage_writes_what_the_in_memory_run_writes(frame, tmp_path, hold_review):
+@pytest.mark.parametrize("hold_review,batch_rows", [(False, 100_000), (True, 37)])
+def test_streamed_stage_writes_what_the_in_memory_run_writes(frame, tmp_path, monkeypatch, hold_review, batch_rows):
     """With ingest's shard files the sanitize stage streams (``sharded.sanitize_streamed``: the
     records stay on disk, one shard read at a time): the clean, quarantine and decisions files,
     the report's findings (with examples), detector counts, histograms and per-source roll-up
-    equal those of the in-memory sharded run on the same shards, overrides included."""
+    equal those of the in-memory sharded run on the same shards, overrides included, whether the
+    shards are read back whole or in batches."""
     import json
 
     from poisonguard import io, overrides, paths, stages
@@ -187,6 +188,7 @@ def test_streamed_stage_writes_what_the_in_memory_run_writes(frame, tmp_path, ho
         calls.append(fn.__name__)
         return list(map(fn, *iterables))
 
+    monkeypatch.setattr(stages, "WRITE_BATCH_ROWS", batch_rows)    # 37: each shard read back in batches
     out = stages.sanitize(cfg, ing, tmp_path / "san", None, n_shards=4, map_=spy_map)
     assert "score_fuse_shard" in calls and "score_shard" not in calls, "the stage streamed"
     parts = io.shard_files(ing / paths.RECORDS_FILE)
@@ -223,8 +225,12 @@ def test_streamed_run_names_a_repeated_id_and_refuses_llm_review(frame, tmp_path
     with pytest.raises(ValueError, match=f"repeated: \\['{a[S.ID].iloc[2]}'\\]"):
         sharded.sanitize_streamed(files, CFG)
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    assert sharded.sanitize_streamed(files[:1], SanitizeConfig(llm_review={"enabled": True})).llm_summary == \
-        {"ran": False, "reason": "ANTHROPIC_API_KEY not set"}
+    st = sharded.sanitize_streamed(files[:1], SanitizeConfig(llm_review={"enabled": True}))
+    assert st.llm_summary == {"ran": False, "reason": "ANTHROPIC_API_KEY not set"}
+    assert sum(len(d) for _, d in st.shards(batch_rows=64)) == 300
+    io_write(a.iloc[:-1], files[0])                 # the shard changed since it was scored
+    with pytest.raises(ValueError, match="did the file change"):
+        list(st.shards())
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")     # the review would run: refused, not skipped
     with pytest.raises(ValueError, match="LLM review"):
         sharded.sanitize_streamed(files, SanitizeConfig(llm_review={"enabled": True}))

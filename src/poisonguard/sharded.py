@@ -427,31 +427,53 @@ class Streamed:
     def rows(self) -> int:
         return sum(o.n for o in self.outcomes)
 
-    def decisions(self, k: int, ids: pd.Index) -> pd.DataFrame:
-        """The decisions of shard ``k`` (``ids``: its ids, in file order)."""
+    def decisions(self, k: int, ids: pd.Index, start: int = 0) -> pd.DataFrame:
+        """The decisions of the rows ``start`` .. ``start + len(ids)`` of shard ``k`` (``ids``:
+        theirs, in file order)."""
         o = self.outcomes[k]
-        if len(ids) != o.n:
-            raise ValueError(f"{o.shard}: {len(ids)} rows now, {o.n} when it was scored (did the file change?)")
+        n = len(ids)
+        if start + n > o.n:
+            raise ValueError(f"{o.shard}: more rows now than the {o.n} it had when it was scored "
+                             "(did the file change?)")
         index = pd.Index(ids, name=S.ID)
-        det = np.full(o.n, "", dtype=object)
-        ev = np.full(o.n, "", dtype=object)
+        det = np.full(n, "", dtype=object)
+        ev = np.full(n, "", dtype=object)
         if len(o.fired):
             pos = index.get_indexer(o.fired.index)
-            if (pos < 0).any():
-                raise ValueError(f"{o.shard}: ids changed since the shard was scored")
-            det[pos] = o.fired[S.DETECTORS].to_numpy()
-            ev[pos] = o.fired[S.EVIDENCE].to_numpy()
+            hit = pos >= 0
+            det[pos[hit]] = o.fired[S.DETECTORS].to_numpy()[hit]
+            ev[pos[hit]] = o.fired[S.EVIDENCE].to_numpy()[hit]
         titles = self.titles
-        return pd.DataFrame({S.DECISION: np.asarray(DECISIONS, dtype=object)[o.decision], S.SCORE: o.score,
-                             S.DETECTORS: det, S.EVIDENCE: ev,
-                             S.FINDING: [titles.get(rid, "") for rid in index] if titles else [""] * o.n},
+        return pd.DataFrame({S.DECISION: np.asarray(DECISIONS, dtype=object)[o.decision[start:start + n]],
+                             S.SCORE: o.score[start:start + n], S.DETECTORS: det, S.EVIDENCE: ev,
+                             S.FINDING: [titles.get(rid, "") for rid in index] if titles else [""] * n},
                             index=index)
 
-    def shards(self) -> Iterable[tuple[pd.DataFrame, pd.DataFrame]]:
-        """(records, decisions) of every shard, one shard in memory at a time."""
+    def shards(self, batch_rows: int = 100_000) -> Iterable[tuple[pd.DataFrame, pd.DataFrame]]:
+        """(records, decisions) of every shard, ``batch_rows`` rows at a time (a shard file read
+        a batch at a time: this process holds one batch, whatever the shard's size)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         for k, o in enumerate(self.outcomes):
-            records = io.read_records(Path(o.shard))
-            yield records, self.decisions(k, pd.Index(records[S.ID]))
+            path = Path(o.shard)
+            try:
+                pf = pq.ParquetFile(path)
+                missing = [c for c in S.RECORD_COLUMNS if c not in pf.schema_arrow.names]
+                if missing:
+                    raise io.InputFileError(f"{path}: missing columns {missing}; is this a poisonguard file?")
+                seen = fired = 0
+                for batch in pf.iter_batches(batch_size=max(int(batch_rows), 1)):
+                    records = pa.Table.from_batches([batch]).to_pandas()
+                    dec = self.decisions(k, pd.Index(records[S.ID]), seen)
+                    seen += len(records)
+                    fired += int((dec[S.DETECTORS].to_numpy() != "").sum())
+                    yield records, dec
+            except (pa.ArrowException, OSError) as e:
+                raise io.InputFileError(f"{path}: cannot read Parquet: {e}") from e
+            if seen != o.n or fired != len(o.fired):
+                raise ValueError(f"{o.shard}: {seen} rows now, {o.n} when it was scored; the ids changed "
+                                 "(did the file change?)")
 
 
 def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, map_: MapFn = map,

@@ -228,6 +228,10 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     return out
 
 
+#: rows of a shard read back at a time by a streamed sanitize (its process holds one such batch)
+WRITE_BATCH_ROWS = 100_000
+
+
 def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.DataFrame, ingest_summary: dict[str, Any],
                        snap_root: str, out_dir: Path, progress: Progress, map_: Callable[..., Any],
                        merge_: Callable[..., Any] | None) -> dict[str, Any]:
@@ -288,7 +292,7 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
         # the override findings lead the list (as in sanitize): their top rows are known only after
         # every shard has been read, so their examples come from a second look at those shards
         note_top(st.findings)
-        for records, dec in st.shards():
+        for records, dec in st.shards(WRITE_BATCH_ROWS):
             if standing:
                 dec, extra, applied = overrides.apply(dec, records, standing)
                 applied_parts.append((extra, applied))
@@ -397,8 +401,7 @@ def _reread(decisions_file: Path, st: Any, top_ids: set[str]) -> Any:
     import pyarrow.parquet as pq
 
     final = pq.read_table(decisions_file, filters=[(S.ID, "in", sorted(top_ids))]).to_pandas().set_index(S.ID)
-    for o in st.outcomes:
-        records = io.read_records(Path(o.shard))
+    for records, _ in st.shards(WRITE_BATCH_ROWS):
         mask = records[S.ID].isin(final.index).to_numpy()
         if mask.any():
             sub = records[mask]
