@@ -88,7 +88,7 @@ def root_of(records: pd.DataFrame) -> str:
     return snapshot_root(records[S.ID].tolist(), records[S.SOURCE].tolist(), records[S.CONTENT_HASH].tolist())
 
 
-def read_manifest(path: Any, batch_rows: int = 200_000) -> Any:
+def read_manifest(path: Any) -> Any:
     """:func:`manifest` of the records at ``path`` (one Parquet file or a folder of shards) as a
     pyarrow table: only the manifest columns are read (never the texts) and the sort is Arrow's
     (stable, like pandas'), so 5M rows cost ~1 GB rather than the whole records frame."""

@@ -256,7 +256,9 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
                   pa.field(S.DETECTORS, pa.string()), pa.field(S.EVIDENCE, pa.string()),
                   pa.field(S.FINDING, pa.string())]
     rec_schema = pq.read_schema(files[0]).remove_metadata()
-    rec_schema = pa.schema([f for f in rec_schema if f.name not in {x.name for x in dec_fields}])
+    # the first shard's columns; a column that shard holds only nulls of takes the records' type
+    rec_schema = pa.schema([S.RECORD_SCHEMA.field(f.name) if pa.types.is_null(f.type) and f.name in S.RECORD_COLUMNS
+                            else f for f in rec_schema if f.name not in {x.name for x in dec_fields}])
     out_schema = pa.schema(list(rec_schema) + dec_fields)
     dec_schema = pa.schema([pa.field(S.ID, pa.string())] + dec_fields)
     # the report's top findings: their rows' source and decision, and the first examples of each
