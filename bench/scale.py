@@ -27,9 +27,6 @@ reported as such (this protects the machine: a 24 GB box cannot swap its way thr
 
     python bench/scale.py [--sizes 1000000,5000000] [--modes single,dask,increment] [--workdir DIR]
 
-``--without DET1,DET2`` is a diagnostic (not a configuration anyone should run): the same runs
-without those detectors, to tell which detectors a process's peak belongs to; the JSON line names them.
-
 The last line printed is one JSON object with every figure.
 """
 
@@ -200,18 +197,9 @@ def _score(res, records, y) -> dict[str, float]:
 # ---------------------------------------------------------------- workers
 
 def _cfg():
-    """The default detectors, LLM review off; ``--without`` (a diagnostic: which detectors a
-    process's peak belongs to) drops some, named in the results."""
     from poisonguard.config import SanitizeConfig
 
-    cfg = SanitizeConfig(llm_review={"enabled": False})
-    drop = [d for d in os.environ.get("POISONGUARD_BENCH_WITHOUT", "").split(",") if d]
-    unknown = [d for d in drop if d not in cfg.detectors]
-    if unknown:
-        raise SystemExit(f"--without: unknown detectors {unknown}; known: {', '.join(cfg.detectors)}")
-    if drop:
-        cfg = cfg.model_copy(update={"detectors": {k: v for k, v in cfg.detectors.items() if k not in drop}})
-    return cfg
+    return SanitizeConfig(llm_review={"enabled": False})
 
 
 def run_single(data: Path, truth: Path, limit: float) -> dict[str, Any]:
@@ -430,14 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rss-gb", type=float, default=18.0, help="stop a run when one process exceeds this")
     ap.add_argument("--timeout", type=float, default=5400.0)
     ap.add_argument("--workdir", default="/tmp/poisonguard-scale")
-    ap.add_argument("--without", default="", help="diagnostic: run without these detectors (comma-separated)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
     limit = a.max_rss_gb * 2**30
-    if a.without:
-        os.environ["POISONGUARD_BENCH_WITHOUT"] = a.without   # the runs' subprocesses inherit it
     if a.worker:
         if a.worker == "increment":
             data, truth = make_data(workdir, a.n, a.poison)
@@ -498,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"increment: {r['status']}", flush=True)
     print(json.dumps({"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
-                      "without_detectors": [d for d in a.without.split(",") if d],
                       "poison_per_attack": a.poison, "attacks": list(ATTACKS), "results": results}))
     return 0
 

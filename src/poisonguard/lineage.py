@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,9 @@ MODEL_CARD = "model_card.json"
 def register_snapshot(records: pd.DataFrame, state: Path | str | None = None) -> tuple[str, Path]:
     """Store a snapshot's members (idempotent per root) and return ``(root, path)``."""
     root = provenance.root_of(records)
-    d = audit.state_dir(state) / SNAPSHOTS_DIR
-    path = d / f"{root}.parquet"
-    if not path.is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        cols = [c for c in provenance.MANIFEST_COLUMNS if c in records.columns]
-        tmp = path.with_suffix(".tmp")
-        records.loc[:, cols].sort_values(S.ID, kind="stable").reset_index(drop=True).to_parquet(tmp, index=False)
-        tmp.replace(path)
-    return root, path
+    cols = [c for c in provenance.MANIFEST_COLUMNS if c in records.columns]
+    return root, _store_members(root, lambda tmp: records.loc[:, cols].sort_values(S.ID, kind="stable")
+                                .reset_index(drop=True).to_parquet(tmp, index=False), state)
 
 
 def register_manifest(root: str, manifest: Any, state: Path | str | None = None) -> Path:
@@ -55,12 +49,17 @@ def register_manifest(root: str, manifest: Any, state: Path | str | None = None)
     (:func:`poisonguard.provenance.read_manifest`, a pyarrow table) and its root."""
     import pyarrow.parquet as pq
 
+    return _store_members(root, lambda tmp: pq.write_table(manifest, tmp), state)
+
+
+def _store_members(root: str, write: Callable[[Path], Any], state: Path | str | None) -> Path:
+    """``snapshots/<root>.parquet``, written by ``write(tmp_path)`` once per root."""
     d = audit.state_dir(state) / SNAPSHOTS_DIR
     path = d / f"{root}.parquet"
     if not path.is_file():
         d.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        pq.write_table(manifest, tmp)
+        write(tmp)
         tmp.replace(path)
     return path
 

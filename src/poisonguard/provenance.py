@@ -91,7 +91,7 @@ def root_of(records: pd.DataFrame) -> str:
 def read_manifest(path: Any) -> Any:
     """:func:`manifest` of the records at ``path`` (one Parquet file or a folder of shards) as a
     pyarrow table: only the manifest columns are read (never the texts) and the sort is Arrow's
-    (stable, like pandas'), so 5M rows cost ~1 GB rather than the whole records frame."""
+    (stable, like pandas'), so the records frame is never built."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq

@@ -36,24 +36,35 @@ def sanitize_report(res: SanitizeResult, *, rows_in: int, rejected: pd.DataFrame
     rec = res.records.set_index(S.ID)
     findings = []
     for f in res.findings[:TOP_FINDINGS]:
-        d = f.to_dict()
         ids = [i for i in f.ids if i in rec.index]
-        d["sources"] = rec.loc[ids, S.SOURCE].value_counts().to_dict() if ids else {}
-        d["decisions"] = res.decisions.loc[ids, S.DECISION].value_counts().to_dict() if ids else {}
-        d["examples"] = [_example(rec, res.decisions, i) for i in ids[:EXAMPLES_PER_FINDING]]
-        d["ids"] = d["ids"][:200]
-        findings.append(d)
+        findings.append(finding_entry(f, rec.loc[ids, S.SOURCE], res.decisions.loc[ids, S.DECISION],
+                                      [_example(rec, res.decisions, i) for i in ids[:EXAMPLES_PER_FINDING]]))
     detectors = {}
     for name, r in res.results.items():
         detectors[name] = {"flagged": int(r.flagged.sum()), "review": int(r.review.sum()),
                            "seconds": res.seconds.get(name), "findings": len(r.findings),
                            "info": _jsonable(r.info)}
-    hist = {name: np.histogram(r.scores.to_numpy(), bins=20, range=(0, 1))[0].tolist()
-            for name, r in res.results.items()}
+    hist = {name: score_histogram(r.scores.to_numpy()).tolist() for name, r in res.results.items()}
     return build_sanitize_report(res.counts(), clean=len(res.clean), quarantined=len(res.quarantine),
                                  rows_in=rows_in, rejected=rejected, findings=findings, detectors=detectors,
                                  histograms=hist, hold_review=res.hold_review, llm_summary=res.llm_summary,
                                  snapshot_root=snapshot_root, per_source=per_source, inputs=inputs)
+
+
+def finding_entry(f: Any, sources: Any, decisions: Any, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A top finding of the report: ``sources`` / ``decisions`` of its rows present in the data
+    (in the finding's id order), ``examples`` of its first rows."""
+    d = f.to_dict()
+    d["sources"] = pd.Series(sources, dtype=object).value_counts().to_dict() if len(sources) else {}
+    d["decisions"] = pd.Series(decisions, dtype=object).value_counts().to_dict() if len(decisions) else {}
+    d["examples"] = examples
+    d["ids"] = d["ids"][:200]
+    return d
+
+
+def score_histogram(scores: np.ndarray) -> np.ndarray:
+    """Counts of scores in 20 bins over [0, 1] (the report's histograms; they add up over shards)."""
+    return np.histogram(scores, bins=20, range=(0, 1))[0]
 
 
 def build_sanitize_report(decision_counts: dict[str, int], *, clean: int, quarantined: int, rows_in: int,

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,7 +242,11 @@ def fuse(ids: pd.Index, results: Mapping[str, DetectorResult], min_detectors: in
 
 def all_findings(results: Mapping[str, DetectorResult]) -> list[Finding]:
     """Every detector's findings, largest and most confident first."""
-    found = [f for r in results.values() for f in r.findings]
+    return sort_findings(f for r in results.values() for f in r.findings)
+
+
+def sort_findings(found: Iterable[Finding]) -> list[Finding]:
+    """Findings largest and most confident first (the report's order)."""
     return sorted(found, key=lambda f: (-len(f.ids), -f.score, f.detector, f.title))
 
 

@@ -88,7 +88,8 @@ class FrameSink:
         self.target = Path(target)
         self.n_shards = n_shards
         self.empty = empty
-        self.schema = schema    # a pyarrow schema for every batch (else the first batch's, others cast to it)
+        self.schema = schema    # a pyarrow schema for every batch and for an empty output (else the
+                                # first batch's, others cast to it, and ``empty`` for no rows)
         self.partial = self.target.with_name(self.target.name + ".partial")
         _remove(self.partial)
         if n_shards > 1:
@@ -130,7 +131,7 @@ class FrameSink:
         as one file or as ``part-00000.parquet``)."""
         for w in self._writers.values():
             w.close()
-        if not self._writers and self.empty is not None and self.schema is not None:
+        if not self._writers and self.schema is not None:
             import pyarrow.parquet as pq
 
             pq.write_table(self.schema.empty_table(),
@@ -361,7 +362,6 @@ def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int =
 
 #: decision codes of :class:`ShardOutcome` (int8 per row)
 DECISIONS = (S.KEEP, S.REVIEW, S.QUARANTINE)
-_HIST_BINS = 20
 
 
 @dataclass
@@ -387,6 +387,7 @@ def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig) -> Sh
     row, as :func:`poisonguard.sanitize.fuse`; the finding titles wait for the merged findings)
     and keep only what the driver needs."""
     from poisonguard import textfeat as tf
+    from poisonguard.report import score_histogram
     from poisonguard.sanitize import fuse
 
     records = _load(shard)
@@ -405,7 +406,7 @@ def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig) -> Sh
         score=dec[S.SCORE].to_numpy(dtype=float), fired=fired,
         flagged={k: int(r.flagged.sum()) for k, r in results.items()},
         review={k: int(r.review.sum()) for k, r in results.items()},
-        hist={k: np.histogram(r.scores.to_numpy(), bins=_HIST_BINS, range=(0, 1))[0] for k, r in results.items()},
+        hist={k: score_histogram(r.scores.to_numpy()) for k, r in results.items()},
         findings={k: r.findings for k, r in results.items()}, info={k: dict(r.info) for k, r in results.items()})
 
 
@@ -420,6 +421,7 @@ class Streamed:
     detectors: dict[str, dict[str, Any]]  # per detector: flagged, review, findings, info
     histograms: dict[str, list[int]]
     seconds: dict[str, float]
+    keys: np.ndarray                    # uint64 id hash of every row, ascending (one per row: ids are unique)
     titles: dict[str, str] = field(default_factory=dict)   # id -> title of its best finding
     llm_summary: dict[str, Any] = field(default_factory=dict)
 
@@ -506,14 +508,15 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
         progress("score")
     outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k))
     del stats
-    keys = np.concatenate([o.keys for o in outcomes])
-    if len(np.unique(keys)) != len(keys):
+    n_rows = sum(o.n for o in outcomes)
+    keys = np.unique(np.concatenate([o.keys for o in outcomes]))
+    if len(keys) != n_rows:
         _raise_repeated(outcomes)
+    from poisonguard.sanitize import finding_titles, sort_findings
+
     names = list(outcomes[0].flagged)
     merged = {name: _merge_findings(f for o in outcomes for f in o.findings[name]) for name in names}
-    findings = sorted((f for fs in merged.values() for f in fs),
-                      key=lambda f: (-len(f.ids), -f.score, f.detector, f.title))
-    from poisonguard.sanitize import finding_titles
+    findings = sort_findings(f for fs in merged.values() for f in fs)
 
     detectors = {name: {"flagged": sum(o.flagged[name] for o in outcomes),
                         "review": sum(o.review[name] for o in outcomes),
@@ -521,7 +524,7 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
                  for name in names}
     hist = {name: np.sum([o.hist[name] for o in outcomes], axis=0).astype(int).tolist() for name in names}
     seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
-    return Streamed(outcomes, findings, detectors, hist, seconds, finding_titles(findings),
+    return Streamed(outcomes, findings, detectors, hist, seconds, keys, finding_titles(findings),
                     {"ran": False, "reason": skipped})
 
 
@@ -536,7 +539,9 @@ def _raise_repeated(outcomes: Sequence[ShardOutcome]) -> None:
         hit = np.flatnonzero(np.isin(o.keys, list(rep)))
         if not len(hit):
             continue
-        ids = io.read_parquet(Path(o.shard), (S.ID,))[S.ID].to_numpy()[hit]
+        import pyarrow.parquet as pq
+
+        ids = pq.read_table(o.shard, columns=[S.ID]).column(S.ID).to_numpy(zero_copy_only=False)[hit]
         for rid in ids:
             seen[rid] = seen.get(rid, 0) + 1
             if seen[rid] == 2:

@@ -262,7 +262,7 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
     out_schema = pa.schema(list(rec_schema) + dec_fields)
     dec_schema = pa.schema([pa.field(S.ID, pa.string())] + dec_fields)
     # the report's top findings: their rows' source and decision, and the first examples of each
-    present = np.sort(np.concatenate([o.keys for o in st.outcomes]))
+    present = st.keys
     top_ids: set[str] = set()
     example_ids: set[str] = set()
     found_rows: dict[str, tuple[str, str]] = {}
@@ -285,12 +285,9 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
             example_ids.update(ids[:rpt.EXAMPLES_PER_FINDING])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with sharded.FrameSink(out_dir / paths.CLEAN_FILE, schema=out_schema, empty=out_schema.empty_table().to_pandas()) \
-            as clean_sink, \
-            sharded.FrameSink(out_dir / paths.QUARANTINE_FILE, schema=out_schema,
-                              empty=out_schema.empty_table().to_pandas()) as quar_sink, \
-            sharded.FrameSink(out_dir / paths.DECISIONS_FILE, schema=dec_schema,
-                              empty=dec_schema.empty_table().to_pandas()) as dec_sink:
+    with sharded.FrameSink(out_dir / paths.CLEAN_FILE, schema=out_schema) as clean_sink, \
+            sharded.FrameSink(out_dir / paths.QUARANTINE_FILE, schema=out_schema) as quar_sink, \
+            sharded.FrameSink(out_dir / paths.DECISIONS_FILE, schema=dec_schema) as dec_sink:
         # the override findings lead the list (as in sanitize): their top rows are known only after
         # every shard has been read, so their examples come from a second look at those shards
         note_top(st.findings)
@@ -338,14 +335,9 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
                 _collect_examples(records, dec, top_ids, example_ids, found_rows, examples)
     top = []
     for f in findings[:n_top]:
-        d = f.to_dict()
         ids = [i for i in f.ids if i in found_rows]
-        d["sources"] = pd.Series([found_rows[i][0] for i in ids], dtype=object).value_counts().to_dict() if ids else {}
-        d["decisions"] = pd.Series([found_rows[i][1] for i in ids], dtype=object).value_counts().to_dict() \
-            if ids else {}
-        d["examples"] = [examples[i] for i in ids[:rpt.EXAMPLES_PER_FINDING]]
-        d["ids"] = d["ids"][:200]
-        top.append(d)
+        top.append(rpt.finding_entry(f, [found_rows[i][0] for i in ids], [found_rows[i][1] for i in ids],
+                                     [examples[i] for i in ids[:rpt.EXAMPLES_PER_FINDING]]))
     src_counts = pd.DataFrame.from_dict(per_source, orient="index", columns=["rows", "quarantined", "review"])
     per_src = rollup_counts(src_counts)
     rep = rpt.build_sanitize_report(
