@@ -564,6 +564,25 @@ def test_pack_rows_is_pack_keys_of_the_selected_tokens():
     assert np.array_equal(tf.pack_rows(indptr, vals, n), tf.pack_keys(row, vals, n))
 
 
+def test_row_lens_and_task_sizes_are_the_whole_array_answers():
+    from poisonguard.detectors import trigger_association as ta
+
+    rng = np.random.default_rng(3)
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 9, 200))]).astype(np.int64)
+    full = np.diff(indptr)
+    for rows in (rng.integers(0, 200, 50).astype(np.int32), np.arange(0), rng.random(200) < 0.3):
+        got = tf.row_lens(indptr, rows)
+        assert got.dtype == full.dtype and np.array_equal(got, full[rows])
+
+    class F:
+        pass
+
+    f = F()
+    f.n, f.ctx, f.has_resp = 200, rng.integers(0, 12, 200), rng.random(200) < 0.6
+    sizes = ta._Features.task_sizes(f)
+    assert all(sizes[c] == int(((f.ctx == c) & f.has_resp).sum()) for c in range(12))
+
+
 def test_blocked_searches_give_the_one_pass_answer(monkeypatch):
     rng = np.random.default_rng(9)
     sorted_vals = np.unique(rng.integers(0, 2**63, 70_000).astype(np.uint64))   # > 65536: the sorting path

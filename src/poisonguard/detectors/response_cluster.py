@@ -251,7 +251,7 @@ def _task_rate(F: _Features, rows: np.ndarray) -> float:
     for c, k in zip(cs, cnt):
         if c < 4 or k < 0.5 * len(rows):
             continue
-        size = int(((F.ctx == c) & F.has_resp).sum())
+        size = int(F.task_sizes()[c])
         best = max(best, k / max(size, 1))
     return best
 
@@ -332,7 +332,7 @@ def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max
     ids = F.U.keys[vals[sel]].astype(np.uint64)
     if len(ids) == 0:
         return empty, empty, empty
-    lens = np.diff(tb.p_indptr)[rows]
+    lens = tf.row_lens(tb.p_indptr, rows)
     idx = _ranges(tb.p_indptr[rows], lens)
     fid = F.U.feature_id(tb.p_hash[idx]).astype(np.uint64)
     # echoed: the word (case-folded token) is written in the template / phrase (``answer``: its
@@ -355,7 +355,7 @@ def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max
 
 
 def _prompt_signature(tb: tf.RowTable, rows: np.ndarray) -> np.ndarray:
-    lens = np.diff(tb.p_indptr)[rows]
+    lens = tf.row_lens(tb.p_indptr, rows)
     idx = _ranges(tb.p_indptr[rows], lens)
     seg = np.repeat(np.arange(len(rows)), lens)
     h = tf.combine(tb.p_hash[idx], (idx - np.repeat(tb.p_indptr[rows], lens)).astype(np.uint64))
@@ -439,7 +439,7 @@ def _shared_span(F: _Features, rows: np.ndarray, fid: int, det: ResponseClusterD
     tb = F.tb
     R = F.R_all
     # first occurrence of the word in each row's response (clipped text)
-    lens = np.diff(tb.r_indptr)[rows]
+    lens = tf.row_lens(tb.r_indptr, rows)
     idx = _ranges(tb.r_indptr[rows], lens)
     seg = np.repeat(np.arange(len(rows)), lens)
     hit = R.feature_id(tb.r_hash[idx]) == np.uint64(fid)

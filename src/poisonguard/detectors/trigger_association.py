@@ -458,6 +458,13 @@ class _Features:
             self._P = tf.group_packed(keys[:m], tf.row_bits(self.n))
         return self._P
 
+    def task_sizes(self) -> np.ndarray:
+        """Rows with a response in each task (indexed by task id), counted once: a count over all
+        rows per cluster was quadratic (9 s of response_cluster's template step at 1M rows)."""
+        if getattr(self, "_task_sizes", None) is None:
+            self._task_sizes = np.bincount(self.ctx[self.has_resp], minlength=int(self.ctx.max()) + 1 if self.n else 0)
+        return self._task_sizes
+
     def is_common_stem(self, stems: np.ndarray) -> np.ndarray:
         """Stem in more than 20% of prompts (stop words, syntax)."""
         return self.p_stems.df_of(self.p_stems.feature_id(stems)) > self.common_df
@@ -491,7 +498,7 @@ class _Features:
         """Global prompt token index of the first occurrence of feature ``fid`` (an ``n``-gram)
         in each row (-1 when absent)."""
         tb = self.tb
-        lens = np.diff(tb.p_indptr)[rows]
+        lens = tf.row_lens(tb.p_indptr, rows)
         idx = _ranges(tb.p_indptr[rows], lens)
         h = tb.p_hash[idx]
         seg = np.repeat(np.arange(len(rows)), lens)
@@ -514,7 +521,7 @@ class _Features:
         """Stems of the response span around feature ``fid`` that >= 80% of the rows ``A`` write
         identically (the payload)."""
         tb = self.tb
-        lens = np.diff(tb.r_indptr)[A]
+        lens = tf.row_lens(tb.r_indptr, A)
         idx = _ranges(tb.r_indptr[A], lens)
         seg = np.repeat(np.arange(len(A)), lens)
         h = tb.r_hash[idx]
@@ -598,7 +605,7 @@ class _Features:
         inside ``T``: words pasted together with the sequence (the other half of a two-part
         trigger), as opposed to topic words that occur elsewhere too."""
         tb = self.tb
-        lens = np.diff(tb.p_indptr)[A]
+        lens = tf.row_lens(tb.p_indptr, A)
         idx = _ranges(tb.p_indptr[A], lens)
         seg = np.repeat(np.arange(len(A)), lens)
         ids = self.U.feature_id(tb.p_hash[idx])
@@ -674,7 +681,7 @@ class _Features:
         sequence is the instruction of at least ``ms`` other rows (the clean rows of that task)."""
         tb = self.tb
         (start, length), members = block
-        has_input = tb.p_ins[members] < np.diff(tb.p_indptr)[members]
+        has_input = tb.p_ins[members] < tf.row_lens(tb.p_indptr, members)
         g = int(np.searchsorted(tb.p_indptr, start, side="right") - 1)
         rel = start - tb.p_indptr[g]
         if not (has_input.mean() >= 0.8 and rel <= 1 and rel + length >= tb.p_ins[g] - 1):
@@ -988,7 +995,7 @@ def _template_copied(F: _Features, rows: np.ndarray) -> np.ndarray:
     """A short whole response (<= 12 tokens) is 'copied' when at least half of its uncommon words
     occur in the prompt (labels listed by the instruction: "positive or negative")."""
     tb = F.tb
-    lens = np.diff(tb.r_indptr)[rows]
+    lens = tf.row_lens(tb.r_indptr, rows)
     out = np.zeros(len(rows), dtype=bool)
     idx = np.flatnonzero(lens <= 12)
     if len(idx) == 0:
@@ -1417,9 +1424,9 @@ def _expected(F: _Features, T: np.ndarray, Fr: np.ndarray) -> tuple[float, int, 
     exp = 0.0
     out_f = out_n = 0
     used_all = False
-    resp_ctx = ctx[F.has_resp]
+    sizes = F.task_sizes()
     for c, kc in zip(cs, k_c):
-        n_c = int((resp_ctx == c).sum())
+        n_c = int(sizes[c])
         rest = n_c - int(kc)
         if rest <= 0:
             exp += kc * rate_all
