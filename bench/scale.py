@@ -19,13 +19,19 @@ Runs, each in its own subprocess (so its peak memory is its own):
   run on N rows writes the ledger; then the N rows plus a new delivery of 5% more rows, all unseen
   (another ``--poison`` rows of the ``phrase`` attack among them, so an old finding grows), are sanitized
   incrementally and, for comparison, in full: wall time, recall and false-positive rate of both.
+* ``dask-increment``  the same nightly increment through the streamed stage on the 2-worker Dask
+  cluster (the distributed nightly): night 1 a full streamed run over ingest's shards of the N
+  rows, night 2 the N + 5% rows incremental (planned from the id / hash / prompt columns, only the
+  delta set loaded, every row's decision written shard by shard), then the same rows in a full
+  streamed run: wall time, peak memory per process and of the driver, recall and FPR of both.
 
 Memory: ``peak_rss_mb`` is the largest resident set size of any one process of the run (the
 driver or one Dask worker; ``peak_driver_mb`` the driver's), sampled every 50 ms with psutil; ``peak_total_mb`` the largest sum
 over the process tree. A run whose one process goes above ``--max-rss-gb`` is stopped and
 reported as such (this protects the machine: a 24 GB box cannot swap its way through 5M rows).
 
-    python bench/scale.py [--sizes 1000000,5000000] [--modes single,dask,increment] [--workdir DIR]
+    python bench/scale.py [--sizes 1000000,5000000] [--modes single,dask,increment,dask-increment]
+                          [--workdir DIR]
 
 The last line printed is one JSON object with every figure.
 """
@@ -48,7 +54,7 @@ sys.path.insert(0, os.environ.get("POISONGUARD_BENCH_SRC") or str(ROOT / "src"))
 
 ATTACKS = ("phrase", "rare_token", "invisible_unicode", "temporal", "content_injection")
 CHUNK = 100_000
-MODES = ("single", "dask", "increment")
+MODES = ("single", "dask", "increment", "dask-increment")
 
 
 # ---------------------------------------------------------------- memory
@@ -242,22 +248,18 @@ def make_shards(workdir: Path, data: Path, n_shards: int) -> Path:
     return out
 
 
-def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int, workdir: Path) -> dict[str, Any]:
-    """The sanitize stage on ingest's shard files through a Dask LocalCluster: streamed (the
-    records stay on disk; see :func:`poisonguard.stages.sanitize`), outputs written to disk."""
+def _dask_stage(in_dir: Path, out_dir: Path, limit: float, shards: int, workers: int,
+                **stage_kw: Any) -> tuple[dict[str, Any], float, float, TreeRSS]:
+    """The sanitize stage on ingest's shard folder ``in_dir`` through a fresh Dask LocalCluster
+    (``stage_kw``: e.g. ``incremental`` and ``ledger_dir``): (stage output, seconds, seconds
+    without the cluster's start, the memory sampler)."""
     import shutil
 
-    import numpy as np
-    import pyarrow.parquet as pq
     from distributed import Client, Future, LocalCluster
 
-    from poisonguard import paths, sharded, stages
-    from poisonguard import schema as S
+    from poisonguard import sharded, stages
 
-    in_dir = make_shards(workdir, data, shards)
-    out_dir = workdir / f"sanitized-{data.stem}-{shards}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    os.environ["POISONGUARD_STATE"] = str(workdir / "state")
     gc.collect()
     with TreeRSS(limit) as mem:
         t0 = time.perf_counter()
@@ -283,27 +285,128 @@ def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int, w
                 parts = [client.submit(sharded.merge_summaries, g, cfg, pure=False) for g in by_group]
                 return client.submit(sharded.collect_stats, parts, pure=False)
 
+            def place_(shards_):  # noqa: ANN001, ANN202
+                # rows held in memory (an incremental night's delta set) go to the cluster once
+                return [client.scatter(x, hash=False) if not isinstance(x, (str, Path)) else x for x in shards_]
+
             def progress(stage: str) -> None:
                 mem.stage = stage
                 print(f"  {time.perf_counter() - t0:7.1f} s  {stage}", file=sys.stderr, flush=True)
 
             out = stages.sanitize(_cfg(), in_dir, out_dir, None, progress, n_shards=shards, map_=map_,
-                                  merge_=merge_)
+                                  merge_=merge_, place_=place_, **stage_kw)
             dt_run = time.perf_counter() - t_up
         dt = time.perf_counter() - t0
-    rep = json.loads((out_dir / "report.json").read_text())
+    return out, dt, dt_run, mem
+
+
+def _outcome(out_dir: Path, bad: set[str]) -> dict[str, Any]:
+    """Recall and false-positive rate of a stage's decisions file against the poisoned ids."""
+    import pyarrow.parquet as pq
+
+    from poisonguard import paths
+    from poisonguard import schema as S
+
     dec = pq.read_table(out_dir / paths.DECISIONS_FILE, columns=[S.ID, S.DECISION]).to_pandas()
-    bad = set(json.loads(truth.read_text()))
     y = dec[S.ID].isin(bad).to_numpy()
     flag = (dec[S.DECISION] == S.QUARANTINE).to_numpy()
-    n = len(dec)
+    return {"rows": len(dec), "recall": round(float((flag & y).sum() / max(int(y.sum()), 1)), 4),
+            "fpr": round(float((flag & ~y).sum() / max(int((~y).sum()), 1)), 6),
+            "quarantined": int(flag.sum()), "poisoned": int(y.sum())}
+
+
+def _mem(mem: TreeRSS) -> dict[str, Any]:
+    return {"peak_rss_mb": mem.peak_one >> 20, "peak_driver_mb": mem.peak_driver >> 20, "peaks_mb": mem.top(),
+            "peak_total_mb": mem.peak_total >> 20}
+
+
+def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int, workdir: Path) -> dict[str, Any]:
+    """The sanitize stage on ingest's shard files through a Dask LocalCluster: streamed (the
+    records stay on disk; see :func:`poisonguard.stages.sanitize`), outputs written to disk."""
+    in_dir = make_shards(workdir, data, shards)
+    out_dir = workdir / f"sanitized-{data.stem}-{shards}"
+    os.environ["POISONGUARD_STATE"] = str(workdir / "state")
+    out, dt, dt_run, mem = _dask_stage(in_dir, out_dir, limit, shards, workers)
+    rep = json.loads((out_dir / "report.json").read_text())
+    sc = _outcome(out_dir, set(json.loads(truth.read_text())))
+    n = sc["rows"]
     return {"rows": n, "seconds": round(dt, 1), "seconds_without_cluster_start": round(dt_run, 1),
             "rows_per_s": round(n / dt), "shards": shards, "workers": workers, "streamed": "streamed" in rep,
-            "peak_rss_mb": mem.peak_one >> 20, "peak_driver_mb": mem.peak_driver >> 20, "peaks_mb": mem.top(),
-            "peak_total_mb": mem.peak_total >> 20,
-            "recall": round(float((flag & y).sum() / max(int(y.sum()), 1)), 4),
-            "fpr": round(float((flag & ~y).sum() / max(int((~y).sum()), 1)), 6),
-            "quarantined": int(flag.sum()), "poisoned": int(y.sum()), "verdict": out["verdict"]}
+            **_mem(mem), **sc, "verdict": out["verdict"]}
+
+
+def _fresh_rows(base_data: Path, new_data: Path, new_truth: Path, n_new: int):  # noqa: ANN202
+    """``n_new`` rows of ``new_data`` never seen in ``base_data`` (the generator repeats some rows
+    exactly): every poisoned row, then unseen clean rows; and their truth mask."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from poisonguard import schema as S
+
+    new, y_new = _load(new_data, new_truth)
+    # Arrow, not a Python set of N strings (memory the driver's later peak would carry)
+    seen = pq.read_table(base_data, columns=[S.CONTENT_HASH]).column(S.CONTENT_HASH).combine_chunks()
+    old = pc.is_in(pa.array(new[S.CONTENT_HASH].astype(str).to_numpy(), type=seen.type), value_set=seen)
+    fresh = ~old.to_numpy(zero_copy_only=False) & ~new[S.CONTENT_HASH].duplicated().to_numpy()
+    del seen, old
+    keep = np.flatnonzero(fresh & y_new)
+    keep = np.sort(np.concatenate([keep, np.flatnonzero(fresh & ~y_new)[:max(0, n_new - len(keep))]]))
+    return new.iloc[keep].reset_index(drop=True), y_new[keep]
+
+
+def run_dask_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limit: float, shards: int,
+                       workers: int, workdir: Path, n_new: int) -> dict[str, Any]:
+    """The nightly increment through the streamed stage on Dask (the distributed nightly): night 1
+    a full streamed run over ingest's shards of the N rows (the ledger written as the shards pass);
+    night 2 the N rows plus ``n_new`` unseen rows as ingest shards them, incremental (planned from
+    the id / hash / prompt columns, the delta set loaded, every row's decision written streamed);
+    then the same rows in a full streamed run for comparison."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from poisonguard import io, paths
+    from poisonguard import schema as S
+    from poisonguard.config import IncrementalConfig
+    from poisonguard.sharded import FrameSink
+
+    os.environ["POISONGUARD_STATE"] = str(workdir / "state")
+    inc = IncrementalConfig(full_every=0)
+    ledger = workdir / "ledger-dask"
+    shutil.rmtree(ledger, ignore_errors=True)
+    base_dir = make_shards(workdir, data, shards)
+    new, y_new = _fresh_rows(data, new_data, new_truth, n_new)
+    both_dir = workdir / f"ingested-{data.stem}-plus-{new_data.stem}-{n_new}-{shards}"
+    if not (both_dir / "ingest.json").is_file():   # ingest's work, not timed
+        pf = pq.ParquetFile(data)
+        with FrameSink(both_dir / paths.RECORDS_FILE, shards) as sink:
+            for g in range(pf.num_row_groups):
+                sink.write(pf.read_row_group(g).to_pandas())
+            sink.write(new)
+        io.write_parquet(io.rejected_frame([]), both_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
+        (both_dir / "ingest.json").write_text(json.dumps({"rows_in": pf.metadata.num_rows + len(new)}))
+    bad = set(json.loads(truth.read_text())) | set(new.loc[y_new, S.ID])
+    del new
+    gc.collect()
+    out: dict[str, Any] = {}
+    o, dt, _, mem = _dask_stage(base_dir, workdir / "sanitized-dask-night1", limit, shards, workers,
+                                incremental=inc, ledger_dir=ledger)
+    out["night1"] = {"mode": o["incremental"]["mode"], "seconds": round(dt, 1), **_mem(mem)}
+    o, dt_inc, _, mem = _dask_stage(both_dir, workdir / "sanitized-dask-night2", limit, shards, workers,
+                                    incremental=inc, ledger_dir=ledger)
+    out["increment"] = {"seconds": round(dt_inc, 1), **o["incremental"], **_mem(mem),
+                        **_outcome(workdir / "sanitized-dask-night2", bad)}
+    o, dt_full, _, mem = _dask_stage(both_dir, workdir / "sanitized-dask-full", limit, shards, workers)
+    out["full"] = {"seconds": round(dt_full, 1), **_mem(mem), **_outcome(workdir / "sanitized-dask-full", bad)}
+    a = set(pq.read_table(workdir / "sanitized-dask-night2" / paths.QUARANTINE_FILE, columns=[S.ID])
+            .column(S.ID).to_pylist())
+    b = set(pq.read_table(workdir / "sanitized-dask-full" / paths.QUARANTINE_FILE, columns=[S.ID])
+            .column(S.ID).to_pylist())
+    out["quarantine_only_incremental"], out["quarantine_only_full"] = len(a - b), len(b - a)
+    out["increment_share_of_full"] = round(dt_inc / dt_full, 4)
+    return out
 
 
 def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limit: float,
@@ -330,15 +433,8 @@ def run_increment(data: Path, truth: Path, new_data: Path, new_truth: Path, limi
                          "peak_rss_mb": mem.peak_one >> 20}
     import numpy as np
 
-    from poisonguard import schema as S
-
-    new, y_new = _load(new_data, new_truth)
-    # the delivery is `n_new` rows never seen before (the generator repeats some rows exactly):
-    # every poisoned row, then unseen clean rows
-    fresh = ~new[S.CONTENT_HASH].isin(base[S.CONTENT_HASH]).to_numpy() & ~new[S.CONTENT_HASH].duplicated().to_numpy()
-    keep = np.flatnonzero(fresh & y_new)
-    keep = np.sort(np.concatenate([keep, np.flatnonzero(fresh & ~y_new)[:max(0, n_new - len(keep))]]))
-    new, y_new = new.iloc[keep].reset_index(drop=True), y_new[keep]
+    # the delivery is `n_new` rows never seen before: every poisoned row, then unseen clean rows
+    new, y_new = _fresh_rows(data, new_data, new_truth, n_new)
     both = pd.concat([base, new], ignore_index=True)
     y = np.concatenate([y0, y_new])
     del base, new
@@ -424,11 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir)
     limit = a.max_rss_gb * 2**30
     if a.worker:
-        if a.worker == "increment":
+        if a.worker in ("increment", "dask-increment"):
             data, truth = make_data(workdir, a.n, a.poison)
             m = max(1, int(round(a.n * a.increment_share)))
             new_data, new_truth = make_data(workdir, int(m * 1.5), a.poison, seed=7, prefix="new")
-            print(json.dumps(run_increment(data, truth, new_data, new_truth, limit, workdir, m)))
+            print(json.dumps(run_increment(data, truth, new_data, new_truth, limit, workdir, m)
+                             if a.worker == "increment" else
+                             run_dask_increment(data, truth, new_data, new_truth, limit, a.shards, a.workers,
+                                                workdir, m)))
         else:
             data, truth = make_data(workdir, a.n, a.poison)
             out = run_single(data, truth, limit) if a.worker == "single" else \
@@ -468,20 +567,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:9s} {n:>9d} rows  {r['status']}  (peak/process {r.get('peak_rss_mb', '-')} MB, driver "
                       f"{r.get('peak_driver_mb', '-')} MB, during {r.get('stage') or '-'})",
                       flush=True)
-    if "increment" in modes:
+    for mode in ("increment", "dask-increment"):
+        if mode not in modes:
+            continue
         n = a.increment_base
-        r = {"mode": "increment", "rows": n, **_sub(["--worker", "increment", "--n", str(n), "--increment-share",
-                                                      str(a.increment_share), *common], a.timeout)}
+        extra = ["--shards", str(a.shards), "--workers", str(a.workers)] if mode == "dask-increment" else []
+        r = {"mode": mode, "rows": n, **_sub(["--worker", mode, "--n", str(n), "--increment-share",
+                                              str(a.increment_share), *common, *extra], a.timeout)}
         results.append(r)
-        if "increment" in r:
-            i, f = r["increment"], r["full"]
-            print(f"increment: {i['new']} new rows over {n}: incremental {i['seconds']} s (detectors saw {i['delta']} "
-                  f"rows) vs full {f['seconds']} s = {100 * r['increment_share_of_full']:.1f}% of the full run; "
-                  f"recall {i['recall']:.3f} vs {f['recall']:.3f}, FPR {100 * i['fpr']:.4f}% vs {100 * f['fpr']:.4f}%; "
-                  f"quarantined only by incremental {r.get('quarantine_only_incremental')}, only by full "
-                  f"{r.get('quarantine_only_full')}", flush=True)
-        else:
-            print(f"increment: {r['status']}", flush=True)
+        if "increment" not in r:
+            print(f"{mode}: {r['status']}", flush=True)
+            continue
+        i, f = r["increment"], r["full"]
+        mem = (lambda x: f" (peak/process {x['peak_rss_mb']} MB, driver {x['peak_driver_mb']} MB)") \
+            if mode == "dask-increment" else (lambda x: "")
+        print(f"{mode}: {i['new']} new rows over {n}: {i['mode']} run {i['seconds']} s (detectors saw {i['delta']} "
+              f"rows){mem(i)} vs full {f['seconds']} s{mem(f)} = {100 * r['increment_share_of_full']:.1f}% of the "
+              f"full run; recall {i['recall']:.3f} vs {f['recall']:.3f}, FPR {100 * i['fpr']:.4f}% vs "
+              f"{100 * f['fpr']:.4f}%; quarantined only by incremental {r.get('quarantine_only_incremental')}, "
+              f"only by full {r.get('quarantine_only_full')}", flush=True)
     print(json.dumps({"cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
                       "poison_per_attack": a.poison, "attacks": list(ATTACKS), "results": results}))
     return 0

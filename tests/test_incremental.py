@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from poisonguard import attacks, demo, incremental, stages
@@ -223,7 +224,7 @@ def _coarse_keys(arr) -> np.ndarray:
 def test_hash_index_finds_the_first_row_of_each_string_and_never_a_wrong_one():
     values = ["a", "bb", "a", "ccc", "dd", "bb", "e", ""]
     query = ["bb", "zz", "a", "", "ccc", "x", "e", "dd"]
-    v, q = incremental._strings(pd.Series(values)), incremental._strings(pd.Series(query))
+    v, q = incremental.string_array(pd.Series(values)), incremental.string_array(pd.Series(query))
     truth = pd.Index(pd.Series(values).drop_duplicates()).get_indexer(query)
     first = pd.Series(values).drop_duplicates().index.to_numpy()
     expect = np.where(truth >= 0, first[np.maximum(truth, 0)], -1)
@@ -231,7 +232,7 @@ def test_hash_index_finds_the_first_row_of_each_string_and_never_a_wrong_one():
     # with colliding keys a string is found at its first row or looks absent, never elsewhere
     pos = incremental._HashIndex(v, _coarse_keys(v)).lookup(q, _coarse_keys(q))
     assert all(p == -1 or p == e for p, e in zip(pos.tolist(), expect.tolist()))
-    assert incremental._HashIndex(incremental._strings(pd.Series([], dtype=str))).lookup(q).tolist() == [-1] * 8
+    assert incremental._HashIndex(incremental.string_array(pd.Series([], dtype=str))).lookup(q).tolist() == [-1] * 8
 
 
 def test_ledger_table_keeps_the_most_severe_row_per_content_hash(nights):
@@ -252,9 +253,13 @@ def test_ledger_table_keeps_the_most_severe_row_per_content_hash(nights):
     want = (table.sort_values("_sev", ascending=False, kind="stable").drop_duplicates(S.CONTENT_HASH)
             .drop(columns="_sev").reset_index(drop=True))
     assert len(want) == recs[S.CONTENT_HASH].nunique() < len(recs)
-    for hk in (None, _coarse_keys(incremental._strings(recs[S.CONTENT_HASH]))):
-        got = incremental._ledger_table(recs, keys, hk, dec).to_pandas()
+    hashes = incremental.string_array(recs[S.CONTENT_HASH])
+    chunked = pa.chunked_array([hashes.slice(0, 17), hashes.slice(17)])   # as a streamed run gathers them
+    for hs, hk in ((hashes, None), (hashes, _coarse_keys(hashes)), (chunked, None), (chunked, _coarse_keys(hashes))):
+        got = incremental._ledger_table(hs, keys, hk, dec).to_pandas()
         pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+    got = incremental.ledger_table(chunked, keys, dec.reset_index(drop=True)).to_pandas()
+    pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
 
 
 def test_a_runner_that_reorders_its_rows_gets_the_same_decisions(nights, tmp_path):

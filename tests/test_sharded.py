@@ -263,3 +263,135 @@ def test_shard_summaries_travel_as_one_object(frame):
     assert set(got) == set(group)
     for name in group:
         assert np.array_equal(got[name].score, want[name].score) and np.array_equal(got[name].key, want[name].key)
+
+
+def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tmp_path, monkeypatch):
+    """With incremental runs on (the nightly default) the stage streams over ingest's shards: a full
+    night runs the detectors streamed and gathers the ledger as the shards pass; an incremental
+    night reads the id, content-hash and prompt columns to plan, loads only its delta set, and
+    writes every row's decision streamed. Night by night (full, incremental, a changed file), the
+    outputs, the report and the ledger equal those of the in-memory nights; the records are never
+    loaded whole."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from poisonguard import incremental, io, llm_review, paths, stages
+    from poisonguard.config import IncrementalConfig, IngestConfig
+
+    recs, truth = frame
+    inc = IncrementalConfig(min_baseline=100)      # most old rows keep their ledger decision
+    ov = tmp_path / "overrides.jsonl"               # the ledger takes the detectors' decisions, not these
+    ov.write_text(json.dumps({"id": sorted(truth)[0], "action": "keep", "by": "alice", "reason": "fine"}) + "\n"
+                  + json.dumps({"id": str(recs[S.ID].iloc[7]), "action": "quarantine", "by": "bob"}) + "\n")
+    cfg = CFG.model_copy(update={"overrides": str(ov), "hold_review": True})
+    calls: list[str] = []
+    loads: list = []
+    read_records = io.read_records
+
+    def spy_map(fn, *iterables):
+        calls.append(fn.__name__)
+        return list(map(fn, *iterables))
+
+    def spy_read(path):
+        loads.append(path)
+        return read_records(path)
+
+    monkeypatch.setattr(io, "read_records", spy_read)
+
+    def ingest(rows: pd.DataFrame, name: str):
+        raw = tmp_path / f"{name}.jsonl"
+        raw.write_text("".join(json.dumps(io.to_native(r)) + "\n" for r in rows.to_dict("records")))
+        stages.ingest(IngestConfig(shards=4), tmp_path / name, [raw])
+        return tmp_path / name
+
+    def ledger(where):
+        meta = json.loads((where / incremental.META_FILE).read_text())
+        keep = ("fingerprint", "runs_since_full", "last_mode", "last_reason", "rows")
+        return pq.read_table(where / incremental.LEDGER_FILE).to_pandas(), {k: meta[k] for k in keep}
+
+    def night(ing, name, inc=inc):
+        calls.clear()
+        loads.clear()
+        out = stages.sanitize(cfg, ing, tmp_path / f"{name}_s", None, n_shards=4, map_=spy_map, incremental=inc,
+                              ledger_dir=tmp_path / "led_s")
+        streamed_calls, streamed_loads = list(calls), list(loads)
+        with monkeypatch.context() as m:     # the same night in memory (the records loaded)
+            m.setattr(llm_review, "skip_reason", lambda _: None)
+            want = stages.sanitize(cfg, ing, tmp_path / f"{name}_m", None, n_shards=4, incremental=inc,
+                                   ledger_dir=tmp_path / "led_m")
+        assert ing / paths.RECORDS_FILE not in streamed_loads, "the streamed night loaded the records whole"
+        assert out["incremental"] == want["incremental"] and out["counts"] == want["counts"]
+        for f in (paths.DECISIONS_FILE, paths.CLEAN_FILE, paths.QUARANTINE_FILE):
+            pd.testing.assert_frame_equal(io.read_parquet(tmp_path / f"{name}_s" / f),
+                                          io.read_parquet(tmp_path / f"{name}_m" / f), check_dtype=False)
+        got, exp = (json.loads((tmp_path / f"{name}_{k}" / "report.json").read_text()) for k in "sm")
+        for key in ("counts", "verdict", "findings", "score_histograms", "per_source", "rejected"):
+            assert got[key] == exp[key], key
+        assert {k: {x: v[x] for x in ("flagged", "review", "findings")} for k, v in got["detectors"].items()} == \
+            {k: {x: v[x] for x in ("flagged", "review", "findings")} for k, v in exp["detectors"].items()}
+        keep = ("mode", "reason", "rows", "new", "delta")
+        assert {k: got["incremental"].get(k) for k in keep} == {k: exp["incremental"].get(k) for k in keep}
+        assert got["streamed"] == {"shards": 4}
+        (tab_s, meta_s), (tab_m, meta_m) = ledger(tmp_path / "led_s"), ledger(tmp_path / "led_m")
+        pd.testing.assert_frame_equal(tab_s, tab_m)
+        assert meta_s == meta_m
+        return out, streamed_calls, streamed_loads
+
+    first = recs.iloc[:1100]
+    ing1 = ingest(first, "night1")
+    out, seen, loaded = night(ing1, "n1")
+    assert out["incremental"] == {"mode": "full", "reason": "no ledger yet (first run)", "new": 1100, "delta": 1100}
+    assert "score_fuse_shard" in seen, "a full night streams the detectors"
+    assert all(Path(p).parent == ing1 / paths.RECORDS_FILE for p in loaded), "the shard steps read their own file"
+
+    ing2 = ingest(recs, "night2")
+    out, seen, loaded = night(ing2, "n2")
+    new = int((~recs[S.CONTENT_HASH].isin(set(first[S.CONTENT_HASH]))).sum())
+    assert out["incremental"]["mode"] == "incremental" and out["incremental"]["new"] == new > 90
+    assert out["incremental"]["delta"] < 500, "most rows were carried over from the ledger"
+    assert "score_fuse_shard" not in seen and "summarize_shard" in seen, "the delta set ran in memory"
+    assert not loaded, "the delta set is read from the shard files (checked against the plan), nothing else"
+    assert json.loads((tmp_path / "led_s" / incremental.META_FILE).read_text())["runs_since_full"] == 1
+
+    # a shard file that changes between the plan and the write is named (nothing is written)
+    part = io.shard_files(ing2 / paths.RECORDS_FILE)[1]
+    orig = stages._streamed_night
+
+    def then_change(*a, **k):
+        got = orig(*a, **k)
+        shard = read_records(part)
+        io.write_records(shard.iloc[::-1].reset_index(drop=True), part)
+        return got
+
+    monkeypatch.setattr(stages, "_streamed_night", then_change)
+    with pytest.raises(ValueError, match="did the file change"):
+        stages.sanitize(cfg, ing2, tmp_path / "n3_s", None, n_shards=4, incremental=inc,
+                        ledger_dir=tmp_path / "led_s")
+    assert not (tmp_path / "n3_s" / paths.DECISIONS_FILE).exists()
+    assert json.loads((tmp_path / "led_s" / incremental.META_FILE).read_text())["runs_since_full"] == 1
+
+    # ... or between the plan and the loading of the delta set, its ids only (the contents the same)
+    monkeypatch.setattr(stages, "_streamed_night", orig)
+    load_rows = incremental.read_rows
+
+    def change_ids_then_load(cols, mask):
+        shard = read_records(part)
+        shard[S.ID] = "x" + shard[S.ID]
+        io.write_records(shard, part)
+        return load_rows(cols, mask)
+
+    monkeypatch.setattr(incremental, "read_rows", change_ids_then_load)
+    with pytest.raises(ValueError, match="did the file change"):
+        stages.sanitize(cfg, ing2, tmp_path / "n3_s", None, n_shards=4, incremental=inc,
+                        ledger_dir=tmp_path / "led_s")
+    assert json.loads((tmp_path / "led_s" / incremental.META_FILE).read_text())["runs_since_full"] == 1
+    monkeypatch.setattr(incremental, "read_rows", load_rows)
+
+    # too many new rows for an incremental night (decided from the hash column): full, streamed
+    extra = to_records(demo.generate_corpus(300, seed=9, source="inhouse", id_prefix="z"))
+    ing4 = ingest(pd.concat([recs, extra], ignore_index=True), "night4")
+    out, seen, _ = night(ing4, "n4", IncrementalConfig(min_baseline=100, max_new_fraction=0.01))
+    assert out["incremental"]["mode"] == "full" and "rows are new" in out["incremental"]["reason"]
+    assert "score_fuse_shard" in seen

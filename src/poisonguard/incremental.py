@@ -26,6 +26,11 @@ ratchet up false positives night after night. Poison that
 trickles in below the detection threshold across many nights is only seen whole by a full run:
 a full run happens when there is no ledger, the fingerprint changed, the new rows exceed
 ``max_new_fraction`` of the data, or ``full_every`` incremental runs have passed since the last.
+
+Over ingest's shard files (the streamed sanitize stage) a night never loads the records whole: the
+plan reads the id, content-hash and prompt columns (:class:`ShardColumns`), the detectors see the
+delta set only (:func:`read_rows`), and :class:`CompletedNight` hands every row's decision
+(:func:`decision_columns`, shared with :func:`sanitize_incremental`) to the stage shard by shard.
 """
 
 from __future__ import annotations
@@ -79,13 +84,15 @@ def fingerprint(cfg: SanitizeConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def prompt_keys(records: pd.DataFrame) -> np.ndarray:
+def prompt_keys(records: pd.DataFrame | pa.Table) -> np.ndarray:
     """Stable 64-bit hash of each row's lower-cased, whitespace-trimmed prompt (vectorised)."""
-    norm = pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(_strings(records[S.PROMPT]), "")))
+    col = records[S.PROMPT]
+    norm = pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(
+        col if isinstance(col, pa.ChunkedArray) else string_array(col), "")))
     return _key64(norm)
 
 
-def _strings(values: Any) -> pa.Array | pa.ChunkedArray:
+def string_array(values: Any) -> pa.Array | pa.ChunkedArray:
     """A string column (or index, or array) as Arrow strings: no copy for Arrow-backed data
     (pandas' default string columns), a conversion otherwise."""
     arr = pa.array(getattr(values, "array", values), from_pandas=True)
@@ -144,12 +151,16 @@ class Ledger:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, ledger_dir: Path) -> Ledger | None:
+    def load(cls, ledger_dir: Path, table: bool = True) -> Ledger | None:
+        """The ledger in ``ledger_dir`` (None when there is none); ``table=False``: its meta only
+        (an empty table), enough for :func:`settled_full_reason`."""
         ledger_dir = Path(ledger_dir)
         meta_p, tab_p = ledger_dir / META_FILE, ledger_dir / LEDGER_FILE
         if not (meta_p.is_file() and tab_p.is_file()):
             return None
         meta = json.loads(meta_p.read_text(encoding="utf-8"))
+        if not table:
+            return cls(pd.DataFrame(columns=list(LEDGER_COLUMNS)), meta)
         table = pd.read_parquet(tab_p)
         missing = [c for c in LEDGER_COLUMNS if c not in table.columns]
         if missing:
@@ -185,6 +196,34 @@ class Plan:
     hash_keys: np.ndarray | None = None
 
 
+def full_counts(n: int) -> dict[str, int]:
+    """A full run's row counts (every row is new to the detectors and in the delta set)."""
+    return {"rows": n, "new": n, "delta": n}
+
+
+def settled_full_reason(ledger: Ledger | None, fp: str, inc: IncrementalConfig) -> str | None:
+    """Why tonight's run must be full whatever rows arrived, or None (then :func:`plan` decides
+    from the rows: how many are new)."""
+    if not inc.enabled:
+        return "incremental runs are disabled"
+    if inc.force_full:
+        return "a full run was requested"
+    if ledger is None:
+        return "no ledger yet (first run)"
+    if ledger.meta.get("fingerprint") != fp:
+        return "detector settings or code changed since the ledger was written"
+    since = int(ledger.meta.get("runs_since_full", 0))
+    if inc.full_every and since + 1 >= inc.full_every:
+        return f"{since} incremental runs since the last full run (full_every: {inc.full_every})"
+    return None
+
+
+def _new_rows_reason(n: int, n_new: int, inc: IncrementalConfig) -> str | None:
+    if n and n_new / n > inc.max_new_fraction:
+        return f"{n_new} of {n} rows are new (more than max_new_fraction {inc.max_new_fraction})"
+    return None
+
+
 def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: IncrementalConfig,
          keys: np.ndarray | None = None) -> Plan:
     """Decide full vs incremental and pick the delta set (pure; see module docstring)."""
@@ -192,27 +231,21 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     everything = np.ones(n, dtype=bool)
 
     def full(reason: str) -> Plan:
-        return Plan("full", reason, everything.copy(), everything.copy(), {"rows": n, "new": n, "delta": n})
+        return Plan("full", reason, everything.copy(), everything.copy(), full_counts(n))
 
-    if not inc.enabled:
-        return full("incremental runs are disabled")
-    if inc.force_full:
-        return full("a full run was requested")
-    if ledger is None:
-        return full("no ledger yet (first run)")
-    if ledger.meta.get("fingerprint") != fp:
-        return full("detector settings or code changed since the ledger was written")
-    since = int(ledger.meta.get("runs_since_full", 0))
-    if inc.full_every and since + 1 >= inc.full_every:
-        return full(f"{since} incremental runs since the last full run (full_every: {inc.full_every})")
-    hashes = _strings(records[S.CONTENT_HASH])
+    reason = settled_full_reason(ledger, fp, inc)
+    if reason is not None:
+        return full(reason)
+    assert ledger is not None
+    hashes = string_array(records[S.CONTENT_HASH])
     hkeys = _key64(hashes)
-    lpos = _HashIndex(_strings(ledger.table[S.CONTENT_HASH])).lookup(hashes, hkeys)
+    lpos = _HashIndex(string_array(ledger.table[S.CONTENT_HASH])).lookup(hashes, hkeys)
     is_old = lpos >= 0
     new = ~is_old
     n_new = int(new.sum())
-    if n and n_new / n > inc.max_new_fraction:
-        return full(f"{n_new} of {n} rows are new (more than max_new_fraction {inc.max_new_fraction})")
+    reason = _new_rows_reason(n, n_new, inc)
+    if reason is not None:
+        return full(reason)
     led_sev = _severity(ledger.table[S.DECISION].fillna(S.KEEP).to_numpy(dtype=object), 1)
     watched = is_old & (led_sev[np.maximum(lpos, 0)] != 0) if len(led_sev) else np.zeros(n, dtype=bool)
     if keys is None:
@@ -265,22 +298,47 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
         runs_since = int(ledger.meta.get("runs_since_full", 0)) + 1
     ids = pd.Index(records[S.ID], name=S.ID)
     dec = res.decisions if res.decisions.index.equals(ids) else res.decisions.reindex(ids)
-    table = _ledger_table(records, keys, p.hash_keys, dec)
-    meta = {"fingerprint": fp, "runs_since_full": runs_since, "last_mode": p.mode, "last_reason": p.reason,
-            "rows": int(table.num_rows), "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
+    table = ledger_table(records[S.CONTENT_HASH], keys, dec, p.hash_keys)
+    return res, save_run(ledger_dir, table, fp, p.mode, p.reason, runs_since, p.counts, t0)
+
+
+def save_run(ledger_dir: Path, table: pa.Table, fp: str, mode: str, reason: str, runs_since: int,
+             counts: dict[str, int], t0: float) -> dict[str, Any]:
+    """Write tonight's ledger (``table``: :func:`ledger_table`) and return the run's JSON-able info."""
+    meta, info = run_record(table, fp, mode, reason, runs_since, counts, t0)
     _write(ledger_dir, table, meta)
-    info = {"mode": p.mode, "reason": p.reason, **p.counts, "seconds": round(time.perf_counter() - t0, 3),
+    return info
+
+
+def run_record(table: pa.Table, fp: str, mode: str, reason: str, runs_since: int, counts: dict[str, int],
+               t0: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the ledger's meta, the run's JSON-able info) of tonight's run; :func:`write_ledger` writes
+    the first with the table (a caller that writes its outputs first writes the ledger last)."""
+    meta = {"fingerprint": fp, "runs_since_full": runs_since, "last_mode": mode, "last_reason": reason,
+            "rows": int(table.num_rows), "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
+    info = {"mode": mode, "reason": reason, **counts, "seconds": round(time.perf_counter() - t0, 3),
             "fingerprint": fp}
-    return res, info
+    return meta, info
 
 
-def _ledger_table(records: pd.DataFrame, keys: np.ndarray, hkeys: np.ndarray | None,
+def write_ledger(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Replace the ledger (atomically) by ``table`` and ``meta`` (:func:`run_record`)."""
+    _write(ledger_dir, table, meta)
+
+
+def ledger_table(hashes: Any, keys: np.ndarray, dec: pd.DataFrame, hash_keys: np.ndarray | None = None) -> pa.Table:
+    """Tonight's ledger from every row's content hash, prompt key (:func:`prompt_keys`) and
+    decision (``dec``: the ledger's decision columns, rows in the same order); ``hash_keys``: the
+    hashes' 64-bit keys when the caller has them (a plan's)."""
+    return _ledger_table(string_array(hashes), keys, hash_keys, dec)
+
+
+def _ledger_table(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray, hkeys: np.ndarray | None,
                   dec: pd.DataFrame) -> pa.Table:
     """One entry per content hash: the most severe decision among identical rows (the first such
-    row), most severe first, then in row order. ``dec``: decisions in the records' order."""
-    hashes = _strings(records[S.CONTENT_HASH])
+    row), most severe first, then in row order. ``hashes``, ``keys``, ``dec``: in the records' order."""
     hkeys = _key64(hashes) if hkeys is None else hkeys
-    n = len(records)
+    n = len(hashes)
     sev = _severity(dec[S.DECISION].to_numpy(dtype=object), -1).astype(np.int64)
     # rows most severe first, then in row order; then stably by hash
     by_sev = np.concatenate([np.flatnonzero(sev == v) for v in (2, 1, 0, -1)])
@@ -303,31 +361,53 @@ def _ledger_table(records: pd.DataFrame, keys: np.ndarray, hkeys: np.ndarray | N
     cols = {S.CONTENT_HASH: hashes.take(take), "prompt_key": pa.array(keys[rows]),
             S.SCORE: pa.array(dec[S.SCORE].to_numpy(dtype=float)[rows])}
     for c in (S.DECISION, S.DETECTORS, S.EVIDENCE, S.FINDING):
-        cols[c] = _strings(dec[c]).take(take)
+        cols[c] = string_array(dec[c]).take(take)
     return pa.table(cols)
 
 
 def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_cls: Any, align: Any) -> Any:
     """All rows' decisions: the delta run's for new rows; for old rows the ledger's, replaced by the
-    delta run's only when that is more severe and comes from a finding that new rows joined.
+    delta run's only when that is more severe and comes from a finding that new rows joined
+    (:func:`decision_columns`), as a result over all records (detector results aligned to them)."""
+    ids = pd.Index(records[S.ID], name=S.ID)
+    data, dpos = decision_columns(string_array(records[S.ID]), part, ledger, p)
+    decisions = pd.DataFrame({c: pd.Series(v, index=ids, dtype=object if c in (S.DETECTORS, S.EVIDENCE, S.FINDING)
+                                            else None) for c, v in data.items()}, index=ids)
+    # every detector result of the delta run is indexed by the delta's ids (the run checks it)
+    obj_ids = pd.Index(ids.to_numpy(dtype=object), name=S.ID)
+    results: dict[str, DetectorResult] = {k: align(r, obj_ids, dpos) for k, r in part.results.items()}
+    return result_cls(records.reset_index(drop=True), decisions, results, list(part.findings),
+                      dict(part.seconds), dict(part.llm_summary), part.hold_review)
+
+
+def decision_columns(id_arr: pa.Array | pa.ChunkedArray, part: Any, ledger: Ledger, p: Plan
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every row's decision columns (decision, score, detectors, evidence, finding) after an
+    incremental run, and each row's position in the delta run's result (-1: not in the delta).
+    ``id_arr``: the ids of all rows, in the plan's order; ``part``: the delta run's result.
 
     Works on positions (the plan's ledger rows, the delta's rows in the run's result), not on
     string indexes: at 1M rows every string look-up costs about half a second."""
-    n = len(records)
-    ids = pd.Index(records[S.ID], name=S.ID)
+    n = len(id_arr)
     lpos = p.ledger_pos
     if lpos is None:
-        raise ValueError("_complete needs an incremental plan (it carries each record's ledger row)")
+        raise ValueError("completing an incremental run needs an incremental plan (it carries each row's ledger row)")
+    for k, r in part.results.items():
+        if not r.scores.index.equals(part.decisions.index):
+            raise ValueError(f"detector {k!r}: its rows differ from the delta run's decisions")
     # each record's row in the delta run's result (-1: not in the delta)
     delta_rows = np.flatnonzero(p.delta)
     dpos = np.full(n, -1, dtype=np.int64)
     part_ids = part.decisions.index
-    id_arr = _strings(records[S.ID])
     if len(part_ids) == len(delta_rows) and (
-            not len(delta_rows) or pc.all(pc.equal(_strings(part_ids), id_arr.take(pa.array(delta_rows)))).as_py()):
+            not len(delta_rows) or pc.all(pc.equal(string_array(part_ids), id_arr.take(pa.array(delta_rows)))).as_py()):
         dpos[delta_rows] = np.arange(len(delta_rows))
     else:  # a runner that returns its rows in another order
-        dpos = part_ids.get_indexer(pd.Index(ids.to_numpy(dtype=object)))
+        dpos = part_ids.get_indexer(pd.Index(id_arr.to_numpy(zero_copy_only=False), dtype=object))
+        missed = delta_rows[dpos[delta_rows] < 0]
+        if len(missed):   # fail closed: a new row without tonight's decision would pass as kept
+            raise ValueError(f"the delta run returned no decision for {len(missed)} of its rows, e.g. "
+                             f"{id_arr.take(pa.array(missed[:3])).to_pylist()}")
     known, seen = lpos >= 0, dpos >= 0
     lrow, drow = np.maximum(lpos, 0), np.maximum(dpos, 0)
 
@@ -342,7 +422,7 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
     sev_new = np.where(seen, _severity(new_dec, -1), -1)
     # an old row is upgraded only by a finding that new rows joined (a cluster that grew); a
     # partial view flagging old rows on its own would ratchet up false positives night by night
-    new_ids = set(records.loc[p.new, S.ID])
+    new_ids = set(id_arr.filter(pa.array(p.new)).to_pylist())
     grown: set[str] = set()
     for f in part.findings:
         if not new_ids.isdisjoint(f.ids):
@@ -355,13 +435,146 @@ def _complete(records: pd.DataFrame, part: Any, ledger: Ledger, p: Plan, result_
                              (S.EVIDENCE, "", object), (S.FINDING, "", object)):
         old, tonight = (old_dec, new_dec) if col == S.DECISION else merged(col, fill, dtype)
         data[col] = np.where(take_new, tonight, old)
-    decisions = pd.DataFrame({c: pd.Series(v, index=ids, dtype=object if c in (S.DETECTORS, S.EVIDENCE, S.FINDING)
-                                            else None) for c, v in data.items()}, index=ids)
-    # every detector result of the delta run is indexed by the delta's ids (the run checks it)
-    obj_ids = pd.Index(ids.to_numpy(dtype=object), name=S.ID)
-    for k, r in part.results.items():
-        if not r.scores.index.equals(part_ids):
-            raise ValueError(f"detector {k!r}: its rows differ from the delta run's decisions")
-    results: dict[str, DetectorResult] = {k: align(r, obj_ids, dpos) for k, r in part.results.items()}
-    return result_cls(records.reset_index(drop=True), decisions, results, list(part.findings),
-                      dict(part.seconds), dict(part.llm_summary), part.hold_review)
+    return data, dpos
+
+
+# ---------------------------------------------------------------- nights over shard files
+
+@dataclass
+class ShardColumns:
+    """What an incremental plan needs of every row of ingest's shard files, read without the texts
+    (the prompt column is read a file at a time and kept only as its 64-bit key)."""
+
+    files: list[Path]
+    rows: list[int]                      # rows per file
+    ids: pa.ChunkedArray
+    hashes: pa.ChunkedArray | None       # content hashes (dropped once tonight's ledger is built)
+    keys: np.ndarray                     # prompt keys (:func:`prompt_keys`)
+    hash_keys: np.ndarray | None = None  # 64-bit keys of the content hashes (the plan's)
+
+    @classmethod
+    def read(cls, files: list[Path]) -> ShardColumns:
+        ids, hashes, keys, rows = [], [], [], []
+        for f in files:
+            try:
+                t = pq.read_table(f, columns=[S.ID, S.CONTENT_HASH, S.PROMPT])
+            except (pa.ArrowException, OSError, KeyError) as e:
+                raise ValueError(f"{f}: cannot read the id, content-hash and prompt columns: {e}") from e
+            if pa.types.is_null(t.schema.field(S.PROMPT).type):     # a file of prompt-less rows
+                t = t.set_column(t.schema.get_field_index(S.PROMPT), S.PROMPT, t[S.PROMPT].cast(pa.string()))
+            keys.append(prompt_keys(t))
+            ids += t[S.ID].chunks
+            hashes += t[S.CONTENT_HASH].chunks
+            rows.append(t.num_rows)
+            del t
+
+        def chunked(parts: list[Any]) -> pa.ChunkedArray:
+            return pa.chunked_array(parts, parts[0].type if parts else pa.string())
+
+        return cls(list(files), rows, chunked(ids), chunked(hashes),
+                   np.concatenate(keys) if keys else np.zeros(0, np.uint64))
+
+    def frame(self) -> pd.DataFrame:
+        """The content hashes as the one-column frame :func:`plan` reads."""
+        return pd.DataFrame({S.CONTENT_HASH: pd.arrays.ArrowExtensionArray(self.hashes)})
+
+    def check(self, path: Path, at: int, ids: Any, hashes: Any) -> None:
+        """Fail (naming the file) unless ``ids`` / ``hashes`` are the planned rows from ``at`` on."""
+        k = len(ids)
+        same = (at + k <= len(self.ids)
+                and np.array_equal(_key64(string_array(hashes)), self.hash_keys[at:at + k])
+                and pc.all(pc.equal(string_array(ids), self.ids.slice(at, k))).as_py() in (True, None))
+        if not same:
+            raise ValueError(f"{path}: its rows are not those tonight's run planned (did the file change?)")
+
+
+def read_rows(cols: ShardColumns, mask: np.ndarray) -> pd.DataFrame:
+    """The records of the shard files where ``mask`` holds (one entry per row, files in order),
+    a file at a time, each checked against the plan: an incremental night loads its delta set only."""
+    from poisonguard import io
+
+    parts, off = [], 0
+    for f, n in zip(cols.files, cols.rows):
+        sel = mask[off:off + n]
+        if sel.any():
+            try:
+                t = pq.read_table(f)
+            except (pa.ArrowException, OSError) as e:
+                raise io.InputFileError(f"{f}: cannot read Parquet: {e}") from e
+            missing = [c for c in S.RECORD_COLUMNS if c not in t.column_names]
+            if missing:
+                raise io.InputFileError(f"{f}: missing columns {missing}; is this a poisonguard file?")
+            if t.num_rows != n:
+                raise ValueError(f"{f}: {t.num_rows} rows now, {n} when tonight's run was planned "
+                                 "(did the file change?)")
+            cols.check(f, off, t[S.ID], t[S.CONTENT_HASH])
+            parts.append(t.filter(pa.array(sel)))
+            del t
+        off += n
+    if not parts:
+        return io.empty_records()
+    return (pa.concat_tables(parts, promote_options="default") if len(parts) > 1 else parts[0]).to_pandas()
+
+
+class CompletedNight:
+    """An incremental night over shard files, as the streamed stage writes it (the interface of
+    :class:`poisonguard.sharded.Streamed`): every row's decision (:func:`decision_columns`), the
+    delta run's findings, and the detector counts and histograms of the delta run's results over
+    all rows (rows outside the delta score 0, as an aligned result gives)."""
+
+    def __init__(self, cols: ShardColumns, data: dict[str, np.ndarray], part: Any) -> None:
+        from poisonguard import textfeat as tf
+        from poisonguard.report import score_histogram
+
+        self.cols, self.data = cols, data
+        n = len(cols.ids)
+        self.rows = n
+        self.findings = list(part.findings)
+        unseen = n - len(part.decisions)
+        self.detectors: dict[str, dict[str, Any]] = {}
+        self.histograms: dict[str, list[int]] = {}
+        for name, r in part.results.items():
+            self.detectors[name] = {"flagged": int(r.flagged.sum()), "review": int(r.review.sum()),
+                                    "seconds": part.seconds.get(name), "findings": len(r.findings),
+                                    "info": dict(r.info)}
+            h = score_histogram(r.scores.to_numpy())
+            h[0] += unseen
+            self.histograms[name] = h.tolist()
+        # the ids' stable hashes a chunk at a time (not every id as a Python string at once)
+        keys = np.sort(np.concatenate([tf.stable_hash(c.to_numpy(zero_copy_only=False)) for c in cols.ids.chunks])
+                       if cols.ids.num_chunks else np.zeros(0, np.uint64))
+        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+            counts = pc.value_counts(cols.ids)
+            rep = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+            if rep:
+                raise ValueError(f"record ids must be unique; repeated: {rep[:3]}")
+        self.keys = keys
+        self.llm_summary = dict(part.llm_summary)
+
+    def shards(self, batch_rows: int = 100_000) -> Any:
+        """(records, decisions) of every shard file, ``batch_rows`` rows at a time; a file whose
+        rows are no longer those planned (ids or contents) is named."""
+        from poisonguard import io
+
+        off = 0
+        for path, n in zip(self.cols.files, self.cols.rows):
+            seen = 0
+            try:
+                pf = pq.ParquetFile(path)
+                missing = [c for c in S.RECORD_COLUMNS if c not in pf.schema_arrow.names]
+                if missing:
+                    raise io.InputFileError(f"{path}: missing columns {missing}; is this a poisonguard file?")
+                for batch in pf.iter_batches(batch_size=max(int(batch_rows), 1)):
+                    at = off + seen
+                    self.cols.check(path, at, batch.column(S.ID), batch.column(S.CONTENT_HASH))
+                    records = pa.Table.from_batches([batch]).to_pandas()
+                    k = len(records)
+                    dec = pd.DataFrame({c: v[at:at + k] for c, v in self.data.items()},
+                                       index=pd.Index(records[S.ID], name=S.ID))
+                    seen += k
+                    yield records, dec
+            except (pa.ArrowException, OSError) as e:
+                raise io.InputFileError(f"{path}: cannot read Parquet: {e}") from e
+            if seen != n:
+                raise ValueError(f"{path}: {seen} rows now, {n} when tonight's run was planned (did the file change?)")
+            off += n

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,9 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     held in memory on the cluster once (see :func:`poisonguard.sharded.sanitize_sharded`).
     With ``incremental`` (enabled) only rows the ledger has not seen are re-checked
     (:mod:`poisonguard.incremental`; ledger in ``ledger_dir``, default ``<state>/ledger``).
+    When the records are ingest's ``n_shards`` shard files (and no reference set, no LLM review to
+    run) the stage streams: the records are never loaded whole (:func:`_sanitize_streamed`, an
+    incremental night through :func:`_streamed_night`).
     """
     from poisonguard import sanitize as san
     from poisonguard.source_rollup import rollup
@@ -162,35 +166,37 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     if provenance_dir is not None and (Path(provenance_dir) / paths.SNAPSHOT_FILE).is_file():
         snap_root = read_json(Path(provenance_dir) / paths.SNAPSHOT_FILE)["snapshot_root"]
     files = io.shard_files(in_dir / paths.RECORDS_FILE) if (in_dir / paths.RECORDS_FILE).is_dir() else []
-    if n_shards > 1 and len(files) == n_shards and not (incremental is not None and incremental.enabled) \
-            and llm_review.skip_reason(cfg.llm_review) is not None and not cfg.reference:
-        # ingest's shards are the split: the records stay on disk (see _sanitize_streamed)
-        return _sanitize_streamed(cfg, files, rejected, ingest_summary, snap_root, out_dir, progress,
-                                  map_ or map, merge_)
-    records = io.read_records(in_dir / paths.RECORDS_FILE)
     reference = _load_reference(cfg.reference) if cfg.reference else None
-    t0 = time.perf_counter()
     if n_shards > 1 and reference is not None:
         raise ValueError("sanitize.reference is not supported with sharded runs yet; use n_shards=1")
-
-    parts = io.shard_files(in_dir / paths.RECORDS_FILE) if (in_dir / paths.RECORDS_FILE).is_dir() else []
+    records: pd.DataFrame | None = None     # loaded below unless the run streams
 
     def run(rows: pd.DataFrame) -> san.SanitizeResult:
         if n_shards > 1:
             from poisonguard import sharded
 
             # ingest's shards are the same split: the workers read their own file from disk
-            files = parts if len(parts) == n_shards and len(rows) == len(records) else None
+            whole = files if len(files) == n_shards and records is not None and len(rows) == len(records) else None
             return sharded.sanitize_sharded(rows, cfg, n_shards=n_shards, map_=map_ or map, progress=progress,
-                                            shard_files=files, merge_=merge_ or sharded.merge_groups,
+                                            shard_files=whole, merge_=merge_ or sharded.merge_groups,
                                             place_=place_)
         return san.sanitize(rows, cfg, reference=reference, progress=progress)
+
+    if n_shards > 1 and len(files) == n_shards and llm_review.skip_reason(cfg.llm_review) is not None \
+            and reference is None:
+        # ingest's shards are the split: the records stay on disk (see _sanitize_streamed); an
+        # incremental night loads its delta set only
+        nightly, night = _streamed_night(cfg, files, incremental, ledger_dir, run)
+        return _sanitize_streamed(cfg, files, rejected, ingest_summary, snap_root, out_dir, progress,
+                                  map_ or map, merge_, nightly, night)
+    records = io.read_records(in_dir / paths.RECORDS_FILE)
+    t0 = time.perf_counter()
 
     inc_info: dict[str, Any] | None = None
     if incremental is not None and incremental.enabled:
         from poisonguard import incremental as incr
 
-        ledger = Path(ledger_dir) if ledger_dir is not None else audit.state_dir() / "ledger"
+        ledger = _ledger_dir(ledger_dir)
         res, inc_info = incr.sanitize_incremental(records, cfg, ledger, incremental, run)
     else:
         res = run(records)
@@ -213,12 +219,17 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     io.write_parquet(res.decisions.reset_index(), out_dir / paths.DECISIONS_FILE, (S.ID, S.DECISION))
     rpt.write_reports(rep, out_dir)
     held = res.quarantine
-    if len(held):
+    return _held_and_summary(rep, out_dir, snap_root, held[S.ID], held[S.SOURCE].value_counts().to_dict(), inc_info)
+
+
+def _held_and_summary(rep: dict[str, Any], out_dir: Path, snap_root: str, held_ids: Any, held_sources: dict[str, int],
+                      inc_info: dict[str, Any] | None) -> dict[str, Any]:
+    """Audit the rows held out of training (if any) and return the stage's summary."""
+    if len(held_ids):
         audit.record(audit.QUARANTINED, subject={"sanitized_dir": str(out_dir), "snapshot_root": snap_root,
-                                                 "ids_ref": lineage.save_ids(held[S.ID], "quarantine")},
-                     reason=f"sanitize: {len(held)} rows held out of training by the detectors",
-                     details={"counts": rep["counts"], "verdict": rep["verdict"],
-                              "sources": held[S.SOURCE].value_counts().to_dict(),
+                                                 "ids_ref": lineage.save_ids(held_ids, "quarantine")},
+                     reason=f"sanitize: {len(held_ids)} rows held out of training by the detectors",
+                     details={"counts": rep["counts"], "verdict": rep["verdict"], "sources": held_sources,
                               "findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:10]]})
     out = {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
            "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
@@ -232,14 +243,74 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
 WRITE_BATCH_ROWS = 100_000
 
 
+def _ledger_dir(ledger_dir: Path | None) -> Path:
+    return Path(ledger_dir) if ledger_dir is not None else audit.state_dir() / "ledger"
+
+
+@dataclass
+class _Nightly:
+    """A streamed run that is a nightly (incremental runs enabled): the ledger it writes once the
+    outputs are written. A full night gathers the ledger as the shards pass (``table`` None)."""
+
+    ledger_dir: Path
+    fingerprint: str
+    mode: str                       # "full" | "incremental"
+    reason: str
+    runs_since_full: int
+    t0: float
+    counts: dict[str, int] | None = None
+    table: Any = None
+
+
+def _streamed_night(cfg: SanitizeConfig, files: list[Path], incremental: IncrementalConfig | None,
+                    ledger_dir: Path | None, run: Callable[[pd.DataFrame], Any]) -> tuple[_Nightly | None, Any]:
+    """Plan tonight over ingest's shard files without loading the records: (None, None) when
+    incremental runs are off; a full night: (its :class:`_Nightly`, None), the detectors then run
+    streamed over every row; an incremental night: the plan reads the shards' id, content-hash and
+    prompt columns, ``run`` analyses the delta set (the only rows loaded) and the result is every
+    row's decision (:class:`poisonguard.incremental.CompletedNight`, written streamed)."""
+    if incremental is None or not incremental.enabled:
+        return None, None
+    from poisonguard import incremental as incr
+
+    t0 = time.perf_counter()
+    where = _ledger_dir(ledger_dir)
+    fp = incr.fingerprint(cfg)
+    reason = incr.settled_full_reason(incr.Ledger.load(where, table=False), fp, incremental)
+    if reason is None:
+        ledger = incr.Ledger.load(where)      # the table now (a full night needs the meta only)
+        assert ledger is not None
+        cols = incr.ShardColumns.read(files)
+        p = incr.plan(cols.frame(), ledger, fp, incremental, cols.keys)
+        log.info("sanitize mode: %s (%s) %s, over %d shard files", p.mode, p.reason, p.counts, len(files))
+        if p.mode == "incremental":
+            cols.hash_keys = p.hash_keys
+            part = run(incr.read_rows(cols, p.delta))
+            data, _ = incr.decision_columns(cols.ids, part, ledger, p)
+            table = incr.ledger_table(cols.hashes, cols.keys, pd.DataFrame(data), p.hash_keys)
+            cols.hashes = None          # in the ledger table now; the write checks the 64-bit keys
+            night = incr.CompletedNight(cols, data, part)
+            del part
+            return _Nightly(where, fp, p.mode, p.reason, int(ledger.meta.get("runs_since_full", 0)) + 1, t0,
+                            p.counts, table), night
+        reason = p.reason
+    log.info("sanitize mode: full (%s), streamed over %d shard files", reason, len(files))
+    return _Nightly(where, fp, "full", reason, 0, t0), None
+
+
 def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.DataFrame, ingest_summary: dict[str, Any],
                        snap_root: str, out_dir: Path, progress: Progress, map_: Callable[..., Any],
-                       merge_: Callable[..., Any] | None) -> dict[str, Any]:
+                       merge_: Callable[..., Any] | None, nightly: _Nightly | None = None,
+                       night: Any = None) -> dict[str, Any]:
     """:func:`sanitize` on ingest's shard files without loading the records: the detectors run
     through :func:`poisonguard.sharded.sanitize_streamed`, then every shard is read back once to
     lay the overrides over its decisions and append its rows to the clean / quarantine /
     decisions files; the report adds the shards' counts up. Same files and report as the
-    in-memory sharded run (``tests/test_sharded.py``); this process holds one shard at a time."""
+    in-memory sharded run (``tests/test_sharded.py``); this process holds one shard at a time.
+    ``nightly``: tonight's ledger is written once the outputs are (a full night's from every row's
+    content hash, prompt key and detector decision, gathered as the shards pass, before the
+    overrides, as :func:`poisonguard.incremental.sanitize_incremental` does). ``night``: an
+    incremental night's decisions (:func:`_streamed_night`) in place of a streamed detector run."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -247,8 +318,10 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
     from poisonguard import textfeat as tf
     from poisonguard.source_rollup import rollup_counts
 
-    t0 = time.perf_counter()
-    st = sharded.sanitize_streamed(files, cfg, map_, merge_ or sharded.merge_groups, progress)
+    t0 = nightly.t0 if nightly is not None else time.perf_counter()
+    st = night if night is not None else sharded.sanitize_streamed(files, cfg, map_, merge_ or sharded.merge_groups,
+                                                                   progress)
+    gather = nightly is not None and nightly.table is None      # a full night: the ledger as the shards pass
     standing = overrides.load(cfg.overrides)
     if progress:
         progress("write")
@@ -274,6 +347,10 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
     held_ids: list[str] = []
     held_sources: dict[str, int] = {}
     n_top = rpt.TOP_FINDINGS
+    led_hashes: list[Any] = []
+    led_keys: list[np.ndarray] = []
+    led_dec: list[pd.DataFrame] = []
+    led_cols = [S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING]
 
     def note_top(findings: list[Any]) -> None:
         for f in findings[:n_top]:
@@ -292,6 +369,12 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
         # every shard has been read, so their examples come from a second look at those shards
         note_top(st.findings)
         for records, dec in st.shards(WRITE_BATCH_ROWS):
+            if gather:
+                from poisonguard import incremental as incr
+
+                led_hashes += _chunks(incr.string_array(records[S.CONTENT_HASH]))
+                led_keys.append(incr.prompt_keys(records))
+                led_dec.append(dec[led_cols].reset_index(drop=True))
             if standing:
                 dec, extra, applied = overrides.apply(dec, records, standing)
                 applied_parts.append((extra, applied))
@@ -352,18 +435,37 @@ def _sanitize_streamed(cfg: SanitizeConfig, files: list[Path], rejected: pd.Data
     rep["code_version"] = code_version()
     rep["params"] = section(cfg)
     rep["streamed"] = {"shards": len(files)}
+    inc_info: dict[str, Any] | None = None
+    if nightly is not None:
+        from poisonguard import incremental as incr
+
+        table = nightly.table
+        if table is None:
+            table = incr.ledger_table(pa.chunked_array(led_hashes, type=pa.large_string()) if led_hashes else
+                                      pa.array([], pa.large_string()),
+                                      np.concatenate(led_keys) if led_keys else np.zeros(0, np.uint64),
+                                      pd.concat(led_dec, ignore_index=True) if led_dec else
+                                      pd.DataFrame({c: pd.Series(dtype=float if c == S.SCORE else object)
+                                                    for c in led_cols}))
+        del led_hashes, led_keys, led_dec
+        meta, inc_info = incr.run_record(table, nightly.fingerprint, nightly.mode, nightly.reason,
+                                         nightly.runs_since_full, nightly.counts or incr.full_counts(st.rows),
+                                         nightly.t0)
+        rep["incremental"] = inc_info
     io.write_parquet(rejected, out_dir / paths.REJECTED_FILE, S.REJECTED_COLUMNS)
     rpt.write_reports(rep, out_dir)
-    if held_ids:
-        audit.record(audit.QUARANTINED, subject={"sanitized_dir": str(out_dir), "snapshot_root": snap_root,
-                                                 "ids_ref": lineage.save_ids(pd.Series(held_ids), "quarantine")},
-                     reason=f"sanitize: {len(held_ids)} rows held out of training by the detectors",
-                     details={"counts": rep["counts"], "verdict": rep["verdict"],
-                              "sources": dict(sorted(held_sources.items(), key=lambda kv: (-kv[1], kv[0]))),
-                              "findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:10]]})
-    return {"verdict": rep["verdict"], "counts": rep["counts"], "findings": len(rep["findings"]),
-            "top_findings": [f"{f['title']} ({f['rows']} rows)" for f in rep["findings"][:5]],
-            "report": str(out_dir / paths.REPORT_HTML), "seconds": rep["seconds"]}
+    if nightly is not None:     # last: a night whose outputs or report failed leaves the ledger as it was
+        incr.write_ledger(nightly.ledger_dir, table, meta)
+    return _held_and_summary(rep, out_dir, snap_root, pd.Series(held_ids, dtype=object),
+                             dict(sorted(held_sources.items(), key=lambda kv: (-kv[1], kv[0]))), inc_info)
+
+
+def _chunks(arr: Any) -> list[Any]:
+    """An Arrow array's chunks (one for a plain array), as large strings."""
+    import pyarrow as pa
+
+    parts = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    return [p if pa.types.is_large_string(p.type) else p.cast(pa.large_string()) for p in parts]
 
 
 def _source_counts(src: Any, d: Any) -> tuple[list[str], list[int], list[int], list[int]]:
