@@ -143,3 +143,15 @@ def test_sanitize_on_a_dask_local_cluster_matches_single_process(prefect_server,
     a = pd.read_parquet(project / "data/processed/sanitized-dask/decisions.parquet")[cols]
     b = pd.read_parquet(project / "data/processed/sanitized/decisions.parquet")[cols]
     pd.testing.assert_frame_equal(a.sort_values("id", ignore_index=True), b.sort_values("id", ignore_index=True))
+
+    # the default nightly (incremental runs on) streams too: the ledger the single-process nightly
+    # wrote plans an incremental night over the shard files, its delta set goes to the cluster
+    # through hold-shard tasks, and every row gets the nightly's decision
+    monkeypatch.setenv("POISONGUARD_STATE", str(project / ".state"))   # the nightly test's ledger
+    sanitize_distributed.run(NightlyConfig(shards=3, dask_workers=2), cfg, in_dir=str(sharded_in),
+                             out_dir="data/processed/sanitized-dask-nightly")
+    rep = json.loads((project / "data/processed/sanitized-dask-nightly/report.json").read_text())
+    assert rep["streamed"] == {"shards": 3}
+    assert rep["incremental"]["mode"] == "incremental" and rep["incremental"]["new"] == 0, rep["incremental"]
+    c = pd.read_parquet(project / "data/processed/sanitized-dask-nightly/decisions.parquet")[cols]
+    pd.testing.assert_frame_equal(c.sort_values("id", ignore_index=True), b.sort_values("id", ignore_index=True))
