@@ -168,11 +168,12 @@ class Ledger:
         return cls(table, meta)
 
     def save(self, ledger_dir: Path) -> None:
-        _write(ledger_dir, pa.Table.from_pandas(self.table.loc[:, list(LEDGER_COLUMNS)], preserve_index=False),
-               self.meta)
+        write_ledger(ledger_dir, pa.Table.from_pandas(self.table.loc[:, list(LEDGER_COLUMNS)], preserve_index=False),
+                     self.meta)
 
 
-def _write(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+def write_ledger(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Replace the ledger (atomically) by ``table`` and ``meta`` (:func:`run_record`)."""
     ledger_dir = Path(ledger_dir)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     tmp = ledger_dir / (LEDGER_FILE + ".tmp")
@@ -299,15 +300,9 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
     ids = pd.Index(records[S.ID], name=S.ID)
     dec = res.decisions if res.decisions.index.equals(ids) else res.decisions.reindex(ids)
     table = ledger_table(records[S.CONTENT_HASH], keys, dec, p.hash_keys)
-    return res, save_run(ledger_dir, table, fp, p.mode, p.reason, runs_since, p.counts, t0)
-
-
-def save_run(ledger_dir: Path, table: pa.Table, fp: str, mode: str, reason: str, runs_since: int,
-             counts: dict[str, int], t0: float) -> dict[str, Any]:
-    """Write tonight's ledger (``table``: :func:`ledger_table`) and return the run's JSON-able info."""
-    meta, info = run_record(table, fp, mode, reason, runs_since, counts, t0)
-    _write(ledger_dir, table, meta)
-    return info
+    meta, info = run_record(table, fp, p.mode, p.reason, runs_since, p.counts, t0)
+    write_ledger(ledger_dir, table, meta)
+    return res, info
 
 
 def run_record(table: pa.Table, fp: str, mode: str, reason: str, runs_since: int, counts: dict[str, int],
@@ -319,11 +314,6 @@ def run_record(table: pa.Table, fp: str, mode: str, reason: str, runs_since: int
     info = {"mode": mode, "reason": reason, **counts, "seconds": round(time.perf_counter() - t0, 3),
             "fingerprint": fp}
     return meta, info
-
-
-def write_ledger(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> None:
-    """Replace the ledger (atomically) by ``table`` and ``meta`` (:func:`run_record`)."""
-    _write(ledger_dir, table, meta)
 
 
 def ledger_table(hashes: Any, keys: np.ndarray, dec: pd.DataFrame, hash_keys: np.ndarray | None = None) -> pa.Table:
@@ -501,9 +491,7 @@ def read_rows(cols: ShardColumns, mask: np.ndarray) -> pd.DataFrame:
                 t = pq.read_table(f)
             except (pa.ArrowException, OSError) as e:
                 raise io.InputFileError(f"{f}: cannot read Parquet: {e}") from e
-            missing = [c for c in S.RECORD_COLUMNS if c not in t.column_names]
-            if missing:
-                raise io.InputFileError(f"{f}: missing columns {missing}; is this a poisonguard file?")
+            io.require_columns(f, t.column_names, S.RECORD_COLUMNS)
             if t.num_rows != n:
                 raise ValueError(f"{f}: {t.num_rows} rows now, {n} when tonight's run was planned "
                                  "(did the file change?)")
@@ -554,27 +542,20 @@ class CompletedNight:
     def shards(self, batch_rows: int = 100_000) -> Any:
         """(records, decisions) of every shard file, ``batch_rows`` rows at a time; a file whose
         rows are no longer those planned (ids or contents) is named."""
-        from poisonguard import io
+        from poisonguard.sharded import record_batches
 
         off = 0
         for path, n in zip(self.cols.files, self.cols.rows):
             seen = 0
-            try:
-                pf = pq.ParquetFile(path)
-                missing = [c for c in S.RECORD_COLUMNS if c not in pf.schema_arrow.names]
-                if missing:
-                    raise io.InputFileError(f"{path}: missing columns {missing}; is this a poisonguard file?")
-                for batch in pf.iter_batches(batch_size=max(int(batch_rows), 1)):
-                    at = off + seen
-                    self.cols.check(path, at, batch.column(S.ID), batch.column(S.CONTENT_HASH))
-                    records = pa.Table.from_batches([batch]).to_pandas()
-                    k = len(records)
-                    dec = pd.DataFrame({c: v[at:at + k] for c, v in self.data.items()},
-                                       index=pd.Index(records[S.ID], name=S.ID))
-                    seen += k
-                    yield records, dec
-            except (pa.ArrowException, OSError) as e:
-                raise io.InputFileError(f"{path}: cannot read Parquet: {e}") from e
+            for batch in record_batches(path, batch_rows):
+                at = off + seen
+                self.cols.check(path, at, batch.column(S.ID), batch.column(S.CONTENT_HASH))
+                records = pa.Table.from_batches([batch]).to_pandas()
+                k = len(records)
+                dec = pd.DataFrame({c: v[at:at + k] for c, v in self.data.items()},
+                                   index=pd.Index(records[S.ID], name=S.ID))
+                seen += k
+                yield records, dec
             if seen != n:
                 raise ValueError(f"{path}: {seen} rows now, {n} when tonight's run was planned (did the file change?)")
             off += n

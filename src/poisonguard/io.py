@@ -544,10 +544,16 @@ def read_parquet(path: Path, required: Iterable[str] = ()) -> pd.DataFrame:
         df = (pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]).to_pandas()
     except (pa.ArrowException, OSError) as e:
         raise InputFileError(f"{path}: cannot read Parquet: {e}") from e
-    missing = [c for c in required if c not in df.columns]
+    require_columns(path, df.columns, required)
+    return df
+
+
+def require_columns(path: Path, have: Iterable[str], required: Iterable[str]) -> None:
+    """Fail, naming the file, when columns of ``required`` are not among ``have``."""
+    have = set(have)
+    missing = [c for c in required if c not in have]
     if missing:
         raise InputFileError(f"{path}: missing columns {missing}; is this a poisonguard file?")
-    return df
 
 
 def read_records(path: Path) -> pd.DataFrame:
@@ -573,5 +579,5 @@ def to_native(row: Mapping[str, Any]) -> dict[str, Any]:
 
 __all__ = ["InputFileError", "ReadOptions", "IngestResult", "IngestCounts", "read_inputs",
            "read_batches", "iter_rows", "normalise",
-           "detect_format", "detect_layout", "read_records", "shard_files", "write_records", "read_parquet",
+           "detect_format", "detect_layout", "read_records", "require_columns", "shard_files", "write_records", "read_parquet",
            "write_parquet", "to_native", "REASONS", "empty_records"]

@@ -455,27 +455,32 @@ class Streamed:
         """(records, decisions) of every shard, ``batch_rows`` rows at a time (a shard file read
         a batch at a time: this process holds one batch, whatever the shard's size)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         for k, o in enumerate(self.outcomes):
-            path = Path(o.shard)
-            try:
-                pf = pq.ParquetFile(path)
-                missing = [c for c in S.RECORD_COLUMNS if c not in pf.schema_arrow.names]
-                if missing:
-                    raise io.InputFileError(f"{path}: missing columns {missing}; is this a poisonguard file?")
-                seen = fired = 0
-                for batch in pf.iter_batches(batch_size=max(int(batch_rows), 1)):
-                    records = pa.Table.from_batches([batch]).to_pandas()
-                    dec = self.decisions(k, pd.Index(records[S.ID]), seen)
-                    seen += len(records)
-                    fired += int((dec[S.DETECTORS].to_numpy() != "").sum())
-                    yield records, dec
-            except (pa.ArrowException, OSError) as e:
-                raise io.InputFileError(f"{path}: cannot read Parquet: {e}") from e
+            seen = fired = 0
+            for batch in record_batches(Path(o.shard), batch_rows):
+                records = pa.Table.from_batches([batch]).to_pandas()
+                dec = self.decisions(k, pd.Index(records[S.ID]), seen)
+                seen += len(records)
+                fired += int((dec[S.DETECTORS].to_numpy() != "").sum())
+                yield records, dec
             if seen != o.n or fired != len(o.fired):
                 raise ValueError(f"{o.shard}: {seen} rows now, {o.n} when it was scored; the ids changed "
                                  "(did the file change?)")
+
+
+def record_batches(path: Path, batch_rows: int) -> Iterable[Any]:
+    """The Arrow record batches of a records file, ``batch_rows`` rows at a time (its record
+    columns checked first; an unreadable file is named)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        io.require_columns(path, pf.schema_arrow.names, S.RECORD_COLUMNS)
+        yield from pf.iter_batches(batch_size=max(int(batch_rows), 1))
+    except (pa.ArrowException, OSError) as e:
+        raise io.InputFileError(f"{path}: cannot read Parquet: {e}") from e
 
 
 def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, map_: MapFn = map,
