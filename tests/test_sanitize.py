@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -113,14 +114,44 @@ class Slow(Detector):
 
 class Marker(Detector):
     name = "marker"
-    description = "test: records that it ran"
+    description = "test: records that it ran (a line with its process id in the file ``log``)"
     shares = "lane-x"
     cost = 1.0
-    ran: list[str] = []
 
     def score_with(self, recs, stats):
-        Marker.ran.append(threading.current_thread().name)
+        with open(self.params["log"], "a") as fh:   # a lane process's memory is its own: a file is shared
+            fh.write(f"{os.getpid()}\n")
         return DetectorResult.empty(self.name, recs[S.ID].tolist())
+
+
+class Dies(Detector):
+    name = "dies"
+    description = "test: its process dies without a word when it is not the test's process"
+
+    def score_with(self, recs, stats):
+        if os.getpid() != self.params["parent"]:
+            os._exit(3)
+        return DetectorResult.empty(self.name, recs[S.ID].tolist())
+
+
+class Odd(Exception):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__("odd failure")
+        self.lock = threading.Lock()
+
+
+class RaisesOdd(Detector):
+    name = "raises_odd"
+    description = "test: fails with an exception that does not pickle"
+
+    def score_with(self, recs, stats):
+        raise Odd()
+
+
+def _ran(log) -> list[int]:
+    return [int(x) for x in log.read_text().split()] if log.exists() else []
 
 
 def test_plan_lanes_keeps_shared_detectors_together_and_balances_cost():
@@ -130,27 +161,71 @@ def test_plan_lanes_keeps_shared_detectors_together_and_balances_cost():
     lanes = plan_lanes(names, 2)
     assert len(lanes) == 2 and sorted(sum(lanes, [])) == sorted(names)
     together = [lane for lane in lanes if "trigger_association" in lane][0]
-    assert "response_cluster" in together                      # they share the token features
+    assert "response_cluster" in together and "label_flip" in together   # they share the token table
     assert "duplicates" not in together                        # the next costliest goes to the other lane
     for lane in lanes:                                         # configuration order inside a lane
         assert lane == sorted(lane, key=names.index)
-    assert len(plan_lanes(names, 64)) == 8                     # one lane per group at most
+    assert len(plan_lanes(names, 64)) == 7                     # one lane per group at most
     assert plan_lanes([], 2) == []
 
 
-def test_failing_lane_stops_the_others_and_fails_the_stage(monkeypatch, recs):
-    for cls in (Boom, Slow, Marker):
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_failing_lane_stops_the_others_and_fails_the_stage(monkeypatch, recs, tmp_path, mode):
+    for cls in (Boom, Slow, Marker, FlagIds):
         monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
     monkeypatch.setattr(Boom, "cost", 10.0, raising=False)
-    Marker.ran.clear()
-    cfg = SanitizeConfig(detectors={"slow": {}, "marker": {}, "boom": {}}, workers=2, llm_review={"enabled": False})
+    log = tmp_path / "ran"
+    cfg = SanitizeConfig(detectors={"slow": {}, "marker": {"log": str(log)}, "boom": {}}, workers=2, lanes=mode,
+                         llm_review={"enabled": False})
     assert plan_lanes(list(cfg.detectors), 2) == [["boom"], ["slow", "marker"]]
     with pytest.raises(RuntimeError, match="detector exploded"):
         sanitize(recs, cfg)
-    assert Marker.ran == []                                    # the other lane did not start its next detector
-    ok = SanitizeConfig(detectors={"slow": {}, "marker": {}}, workers=2, llm_review={"enabled": False})
-    sanitize(recs, ok)
-    assert len(Marker.ran) == 1
+    assert _ran(log) == []                                     # the other lane did not start its next detector
+    # the same lanes, the first one fine: the second lane runs (in its own process for "processes")
+    monkeypatch.setattr(FlagIds, "cost", 10.0, raising=False)
+    ok = SanitizeConfig(detectors={"flag_ids": {"flag": ["r1"]}, "slow": {}, "marker": {"log": str(log)}},
+                        workers=2, lanes=mode, llm_review={"enabled": False})
+    res = sanitize(recs, ok)
+    assert list(res.results) == ["flag_ids", "slow", "marker"] and res.counts()["quarantine"] == 1
+    assert len(_ran(log)) == 1 and (_ran(log)[0] != os.getpid()) == (mode == "processes")
+
+
+def test_lane_process_failures_fail_the_stage(monkeypatch, recs):
+    for cls in (Boom, FlagIds, Dies, RaisesOdd):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    monkeypatch.setattr(FlagIds, "cost", 10.0, raising=False)
+
+    def run(name: str, **params) -> None:
+        cfg = SanitizeConfig(detectors={"flag_ids": {}, name: params}, workers=2, lanes="processes",
+                             llm_review={"enabled": False})
+        assert plan_lanes(list(cfg.detectors), 2) == [["flag_ids"], [name]]
+        sanitize(recs, cfg)
+
+    # the child's exception, raised again in the parent with its type and message, traceback attached
+    with pytest.raises(RuntimeError, match="detector exploded") as err:
+        run("boom")
+    assert any("lane process" in n and "'boom'" in n and "score_with" in n for n in err.value.__notes__)
+    # one that cannot travel: its type and text do
+    with pytest.raises(RuntimeError, match=r"detector 'raises_odd' failed in the detector lane process .*Odd: odd failure"):
+        run("raises_odd")
+    # a child that dies without a word (killed, out of memory)
+    with pytest.raises(RuntimeError, match=r"running 'dies' .* ended without a result \(exit code 3"):
+        run("dies", parent=os.getpid())
+
+
+def test_lane_mode_falls_back_to_threads_only_when_allowed(monkeypatch):
+    from poisonguard import lanes
+
+    assert lanes.use_processes("auto", 2) == (lanes.unavailable_reason() is None)
+    assert not lanes.use_processes("processes", 1)              # one lane: nothing to fork
+    assert not lanes.use_processes("threads", 2)
+    monkeypatch.setattr(lanes.sys, "platform", "darwin")
+    assert "Linux" in lanes.unavailable_reason()
+    assert not lanes.use_processes("auto", 2)
+    with pytest.raises(RuntimeError, match="sanitize.lanes = processes, but .*darwin"):
+        lanes.use_processes("processes", 2)
+    with pytest.raises(ValueError, match="lanes"):
+        SanitizeConfig(lanes="fibers")
 
 
 def test_concurrent_lanes_give_the_sequential_result():
@@ -160,13 +235,20 @@ def test_concurrent_lanes_give_the_sequential_result():
     rows, res = attacks.apply_attack(rows, "phrase", 12, seed=2)
     recs = io.records_from_rows(rows, source="vendor-a", collector="test")
     one = sanitize(recs, SanitizeConfig(workers=1, llm_review={"enabled": False}))
-    two = sanitize(recs, SanitizeConfig(workers=2, llm_review={"enabled": False}))
-    assert list(two.results) == list(one.results)             # configuration order
-    pd.testing.assert_frame_equal(one.decisions, two.decisions)
+    two = sanitize(recs, SanitizeConfig(workers=2, lanes="processes", llm_review={"enabled": False}))
+    threads = sanitize(recs, SanitizeConfig(workers=2, lanes="threads", llm_review={"enabled": False}))
     assert set(res.poisoned_ids) <= set(two.quarantine[S.ID])
-    assert [f.to_dict() for f in one.findings] == [f.to_dict() for f in two.findings]
+    for other in (two, threads):
+        assert list(other.results) == list(one.results)       # configuration order
+        pd.testing.assert_frame_equal(one.decisions, other.decisions)
+        assert [f.to_dict() for f in one.findings] == [f.to_dict() for f in other.findings]
+        for name, r in one.results.items():                    # every field of every detector's result
+            o = other.results[name]
+            for k in ("scores", "flagged", "review", "evidence"):
+                pd.testing.assert_series_equal(getattr(r, k), getattr(o, k))
+            assert r.info == o.info
     # every detector's result reads one shared id index (each built its own: 1M strings apiece)
-    for r in (one, two):
+    for r in (one, two, threads):
         assert len({id(getattr(x, k).index) for x in r.results.values()
                     for k in ("scores", "flagged", "review", "evidence")}) == 1
     # the token table and features the detectors shared are released when they are done

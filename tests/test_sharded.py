@@ -93,8 +93,8 @@ def test_dask_local_cluster_gives_the_same_result(frame):
     distributed = pytest.importorskip("distributed")
     recs, _ = frame
     groups = sharded.groups(CFG)
-    assert ("trigger_association", "response_cluster") in groups
-    assert sorted(n for g in groups for n in g) == sorted(CFG.detectors) and len(groups) == len(CFG.detectors) - 1
+    assert ("trigger_association", "response_cluster", "label_flip") in groups
+    assert sorted(n for g in groups for n in g) == sorted(CFG.detectors) and len(groups) == len(CFG.detectors) - 2
     merged: list[tuple[str, ...]] = []
     # worker processes: summaries cross a real transport to the merging worker
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \

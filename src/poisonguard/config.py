@@ -8,7 +8,7 @@ which is exactly what its ``dvc.yaml`` ``params:`` lists.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,9 +69,12 @@ class SanitizeConfig(_Frozen):
     hold_review: bool = False
     #: quarantine a row only when at least this many detectors flag it (1 = any)
     min_detectors: int = 1
-    #: detector lanes run at once (threads of one process; detectors that share the token table
-    #: stay in one lane); 0 = one per CPU core, 1 = one after the other
+    #: detector lanes run at once (detectors that share the token table stay in one lane);
+    #: 0 = one per CPU core, 1 = one after the other
     workers: int = Field(0, ge=0)
+    #: how lanes run: auto = forked processes where possible (Linux, not inside a daemonic worker),
+    #: else threads; processes = forked or fail; threads = threads of this process (one GIL)
+    lanes: Literal["auto", "processes", "threads"] = "auto"
     reference: str | None = None       # trusted reference set (records parquet or raw file)
     #: standing decisions by people and incidents (poisonguard.overrides); missing file = none
     overrides: str | None = "overrides.jsonl"

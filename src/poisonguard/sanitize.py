@@ -75,8 +75,12 @@ class SanitizeResult:
 def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.DataFrame | None = None,
                   progress: Callable[[str], None] | None = None) -> tuple[dict[str, DetectorResult], dict[str, float]]:
     """Build, fit and run every configured detector, in ``cfg.workers`` concurrent lanes (see
-    :func:`plan_lanes`). Any detector error propagates (fail closed): the other lanes stop before
-    their next detector and the first error is raised."""
+    :func:`plan_lanes`): on Linux every lane but the first in a forked process, else threads
+    (``cfg.lanes``, :mod:`poisonguard.lanes`). Any detector error propagates (fail closed): the
+    other lanes stop before their next detector (a lane process is terminated) and the first error
+    is raised."""
+    from poisonguard import lanes as lanes_mod
+
     names = list(cfg.detectors)
     lanes = plan_lanes(names, resolve_workers(cfg.workers))
     results: dict[str, DetectorResult] = {}
@@ -85,43 +89,69 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
     shared = _SharedIndex()
     textfeat.trim_heap()   # what reading the records left idle (Arrow's pool keeps freed buffers)
 
+    def run_one(name: str) -> tuple[DetectorResult, float]:
+        t0 = time.perf_counter()
+        det = registry.build(name, **cfg.detectors[name])
+        if reference is not None:
+            det.fit(reference)
+        res = det.score(records)
+        _check_result(name, res, records)
+        del det
+        textfeat.trim_heap()   # the detector's per-row strings are garbage now: give the heap back
+        return res, round(time.perf_counter() - t0, 3)
+
+    def done(name: str, res: DetectorResult, secs: float) -> None:
+        results[name] = shared.adopt(res)
+        seconds[name] = secs
+        log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
+                 int(res.review.sum()), secs)
+
     def run_lane(lane: list[str]) -> None:
         for name in lane:
             if stop.is_set():
                 return
             if progress:
                 progress(name)
-            t0 = time.perf_counter()
-            det = registry.build(name, **cfg.detectors[name])
-            if reference is not None:
-                det.fit(reference)
-            res = det.score(records)
-            _check_result(name, res, records)
-            results[name] = shared.adopt(res)
-            del det
-            textfeat.trim_heap()   # the detector's per-row strings are garbage now: give the heap back
-            seconds[name] = round(time.perf_counter() - t0, 3)
-            log.info("detector %s: %d flagged, %d review in %.2fs", name, int(res.flagged.sum()),
-                     int(res.review.sum()), seconds[name])
+            done(name, *run_one(name))
 
+    def pump(forked: lanes_mod.ForkedLane, index: pd.Index) -> None:
+        for name, res, secs in forked.results(index, stop, progress):
+            done(name, res, secs)
+
+    forked: list[lanes_mod.ForkedLane] = []
     try:
         if len(lanes) <= 1:
             for lane in lanes:
                 run_lane(lane)
+            return _in_order(results, seconds, names)
+        jobs: list[tuple[Callable[..., None], tuple]] = []
+        if lanes_mod.use_processes(cfg.lanes, len(lanes)):
+            # fork every lane process before any lane runs (no lane thread may hold a lock then)
+            index = pd.Index(records[S.ID], name=S.ID, dtype=object)   # as DetectorResult.build makes it
+            forked = [lanes_mod.ForkedLane(lane, run_one) for lane in lanes[1:]]
+            jobs = [(run_lane, (lanes[0],))] + [(pump, (f, index)) for f in forked]
         else:
-            with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="detector-lane") as pool:
-                futures = [pool.submit(run_lane, lane) for lane in lanes]
-                error: BaseException | None = None
-                for fut in as_completed(futures):
-                    exc = fut.exception()
-                    if exc is not None and error is None:
-                        error = exc
-                        stop.set()
-                if error is not None:
-                    raise error
+            jobs = [(run_lane, (lane,)) for lane in lanes]
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="detector-lane") as pool:
+            futures = [pool.submit(fn, *args) for fn, args in jobs]
+            error: BaseException | None = None
+            for fut in as_completed(futures):
+                exc = fut.exception()
+                if exc is not None and error is None:
+                    error = exc
+                    stop.set()
+            if error is not None:
+                raise error
     finally:
+        for f in forked:
+            f.close()
         release_caches()
-    # configuration order, whatever order the lanes finished in
+    return _in_order(results, seconds, names)
+
+
+def _in_order(results: dict[str, DetectorResult], seconds: dict[str, float], names: list[str]
+              ) -> tuple[dict[str, DetectorResult], dict[str, float]]:
+    """Configuration order, whatever order the lanes finished in."""
     return {k: results[k] for k in names}, {k: seconds[k] for k in names}
 
 

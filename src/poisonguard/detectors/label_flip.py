@@ -153,6 +153,9 @@ class LabelFlipDetector(Detector):
 
     name: ClassVar[str] = "label_flip"
     cost: ClassVar[float] = 1
+    # it counts tokens over the trigger / response detectors' token table (RowTable.cached): in
+    # their lane it reuses that table; in another lane process it built its own (4 s of 120k rows)
+    shares: ClassVar[str | None] = "rowtable"
     description: ClassVar[str] = (
         "Rare-token label flips (BadNets/PURE rare-word attacks: 'cf', 'bb' inserted into inputs whose label is "
         "flipped): in classification-style tasks, odd-looking tokens that are rare elsewhere and have no "
