@@ -54,8 +54,8 @@ def score_shard(shard, stats, cfg):  # noqa: ANN001, ANN201
 
 
 @task(name="score-fuse-shard", cache_policy=NO_CACHE)
-def score_fuse_shard(shard, stats, cfg):  # noqa: ANN001, ANN201
-    return sharded.score_fuse_shard(shard, stats, cfg)
+def score_fuse_shard(shard, stats, cfg, review=False):  # noqa: ANN001, ANN201
+    return sharded.score_fuse_shard(shard, stats, cfg, review)
 
 
 _TASKS = {sharded.summarize_shard: summarize_shard, sharded.score_shard: score_shard,

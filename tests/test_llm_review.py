@@ -124,6 +124,27 @@ def test_selection_review_first_then_stratified_sample(cfg):
     assert len(capped.ids) == 2 and capped.dropped_budget == 5
 
 
+def test_streamed_selection_picks_what_select_picks(cfg):
+    """A streamed run gathers the candidates a part of the rows at a time; select then chooses
+    exactly what it chooses over all rows at once (order, caps and accounting)."""
+    n = 300
+    ids = [f"r{i:03d}" for i in range(n)]
+    srcs = [("a", "b", "c", "b")[i % 4] for i in range(n)]
+    dec = [S.REVIEW if i % 7 == 0 else S.QUARANTINE if i % 11 == 0 else S.KEEP for i in range(n)]
+    score = [round((i * 37 % 10) / 10, 1) for i in range(n)]          # ties: the row order breaks them
+    recs = frame([(i, f"question {i}", "answer", s) for i, s in zip(ids, srcs)])
+    d = pd.DataFrame({S.DECISION: dec, S.SCORE: score}, index=pd.Index(ids, name=S.ID))
+    for max_rows, per in ((500, 20), (60, 20), (50, 7), (12, 5), (0, 3), (40, 0)):
+        c = cfg(max_rows=max_rows, per_source_sample=per)
+        whole = L.select(recs, d, c)
+        st = L.StreamedSelection(c)
+        for lo in range(0, n, 70):                                     # parts in the records' order
+            st.add(ids[lo:lo + 70], srcs[lo:lo + 70], dec[lo:lo + 70], score[lo:lo + 70])
+        part = L.select(recs, d, c, wanted=st.wanted())
+        assert part.ids == whole.ids and part.to_dict() == whole.to_dict(), (max_rows, per)
+    assert whole.ids and L.select(recs, d, cfg(max_rows=60)).to_dict()["dropped_by_max_rows"] > 0
+
+
 def test_estimate_cost_arithmetic(cfg):
     c = cfg()
     recs = frame([("x", "a" * 400, "b" * 400)])

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ import secrets
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -355,6 +356,18 @@ def precheck(text: str) -> tuple[str, str] | None:
     return None
 
 
+def _checked_text(rec: Mapping[str, Any]) -> str:
+    return "\n".join(t for _, t in _content_fields(rec)[1])
+
+
+def precheck_rows(records: pd.DataFrame, cfg: ReviewConfig) -> list[int]:
+    """Positions of the rows the review's precheck flags (it checks every row it is given): a
+    streamed run checks each shard where it is scored and hands the review only those rows."""
+    if not cfg.precheck:
+        return []
+    return [i for i, rec in enumerate(records.to_dict("records")) if precheck(_checked_text(rec)) is not None]
+
+
 # ------------------------------------------------------------------------- cost estimate
 
 def _fixed_text() -> str:
@@ -438,9 +451,52 @@ def _rank(seed: int, rid: str) -> str:
     return hashlib.sha256(f"{seed}\x00{rid}".encode()).hexdigest()
 
 
+def _wanted(review_ids: list[str], picks: Mapping[str, list[str]], max_rows: int) -> tuple[list[str], int]:
+    """(the first ``max_rows`` wanted rows, how many were wanted): the review rows, then the per-source
+    picks round-robin (a fair cut by ``max_rows``)."""
+    sampled: list[str] = []
+    for i in range(max((len(v) for v in picks.values()), default=0)):
+        sampled.extend(picks[s][i] for s in sorted(picks) if i < len(picks[s]))
+    wanted = review_ids + sampled
+    return wanted[:max_rows], len(wanted)
+
+
+class StreamedSelection:
+    """The rows :func:`select` wants, gathered a part of the records at a time (a streamed run: the
+    parts in the records' order), holding the review rows and each source's best-ranked kept rows,
+    never every id: :meth:`wanted` equals the choice :func:`select` makes over all rows at once."""
+
+    def __init__(self, cfg: ReviewConfig) -> None:
+        self.cfg = cfg
+        self.n = 0
+        self._review: list[tuple[float, int, str]] = []
+        self._picks: dict[str, list[tuple[str, str]]] = {}
+
+    def add(self, ids: Sequence[str], sources: Sequence[str], decisions: Sequence[str], scores: Sequence[float]) -> None:
+        """The next rows: their ids, sources, fused decisions and scores."""
+        k = self.cfg.per_source_sample
+        fresh: dict[str, list[tuple[str, str]]] = {}
+        for i, (rid, src, d) in enumerate(zip(ids, sources, decisions)):
+            if d == S.REVIEW:
+                self._review.append((-float(scores[i]), self.n + i, str(rid)))
+            elif d == S.KEEP and k:
+                fresh.setdefault(str(src), []).append((_rank(self.cfg.seed, str(rid)), str(rid)))
+        for src, ranked in fresh.items():
+            self._picks[src] = heapq.nsmallest(k, self._picks.get(src, []) + ranked)
+        self.n += len(ids)
+
+    def wanted(self) -> tuple[list[str], int]:
+        """(the rows :func:`select` would consider, capped at ``max_rows``; how many it wanted)."""
+        review_ids = [rid for _, _, rid in sorted(self._review)]
+        return _wanted(review_ids, {s: [rid for _, rid in v] for s, v in self._picks.items()}, self.cfg.max_rows)
+
+
 def select(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewConfig, *,
-           cache: ReviewCache | None = None, payloads: Mapping[str, RowPayload] | None = None) -> Selection:
-    """Rows to review, in priority order (see :func:`select_rows`), with the accounting."""
+           cache: ReviewCache | None = None, payloads: Mapping[str, RowPayload] | None = None,
+           wanted: tuple[list[str], int] | None = None) -> Selection:
+    """Rows to review, in priority order (see :func:`select_rows`), with the accounting.
+    ``wanted``: the capped candidates and their count when a streamed run gathered them
+    (:class:`StreamedSelection`; ``records`` then holds those rows and maybe others)."""
     ids = records[S.ID].astype(str).tolist()
     if payloads is None:
         payloads = {str(r[S.ID]): row_payload(r, cfg) for r in records.to_dict("records")}
@@ -451,20 +507,19 @@ def select(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewCon
         dec = d[S.DECISION].astype(str).reindex(ids).fillna(S.KEEP).to_dict()
         if S.SCORE in d.columns:
             score = pd.to_numeric(d[S.SCORE], errors="coerce").reindex(ids).fillna(0.0).to_dict()
-    order = {rid: i for i, rid in enumerate(ids)}
-    review_ids = sorted((rid for rid in ids if dec[rid] == S.REVIEW), key=lambda r: (-float(score[r]), order[r]))
-    # stratified sample of kept rows: per source, a seeded order independent of the row order
-    srcs = records[S.SOURCE].astype(str).tolist() if S.SOURCE in records.columns else [""] * len(ids)
-    per_source: dict[str, list[str]] = {}
-    for rid, src in zip(ids, srcs):
-        if dec[rid] == S.KEEP:
-            per_source.setdefault(src, []).append(rid)
-    picks = {s: sorted(v, key=lambda r: _rank(cfg.seed, r))[: cfg.per_source_sample] for s, v in per_source.items()}
-    sampled: list[str] = []
-    for i in range(max((len(v) for v in picks.values()), default=0)):   # round-robin: fair cut by max_rows
-        sampled.extend(picks[s][i] for s in sorted(picks) if i < len(picks[s]))
-    wanted = review_ids + sampled
-    capped = wanted[: cfg.max_rows]
+    if wanted is None:
+        order = {rid: i for i, rid in enumerate(ids)}
+        review_ids = sorted((rid for rid in ids if dec[rid] == S.REVIEW), key=lambda r: (-float(score[r]), order[r]))
+        # stratified sample of kept rows: per source, a seeded order independent of the row order
+        srcs = records[S.SOURCE].astype(str).tolist() if S.SOURCE in records.columns else [""] * len(ids)
+        per_source: dict[str, list[str]] = {}
+        for rid, src in zip(ids, srcs):
+            if dec[rid] == S.KEEP:
+                per_source.setdefault(src, []).append(rid)
+        picks = {s: sorted(v, key=lambda r: _rank(cfg.seed, r))[: cfg.per_source_sample]
+                 for s, v in per_source.items()}
+        wanted = _wanted(review_ids, picks, cfg.max_rows)
+    capped, n_wanted = wanted
     chosen: list[str] = []
     seen: set[str] = set()
     cached = 0
@@ -486,7 +541,7 @@ def select(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewCon
         chosen.append(rid)
     uncached = [payloads[r] for r in chosen if cache is None or cache.get(payloads[r].key) is None]
     n_review = sum(1 for r in chosen if dec[r] == S.REVIEW)
-    return Selection(chosen, n_review, len(chosen) - n_review, len(wanted) - len(capped), dropped_budget, cached,
+    return Selection(chosen, n_review, len(chosen) - n_review, n_wanted - len(capped), dropped_budget, cached,
                      estimate_cost(uncached, cfg))
 
 
@@ -842,7 +897,7 @@ def skip_reason(cfg: ReviewConfig, client: Any = None) -> str | None:
 
 
 def review(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewConfig, *,
-           client: Any = None) -> ReviewResult:
+           client: Any = None, wanted: tuple[list[str], int] | None = None) -> ReviewResult:
     """Review selected rows with the model; see the module docstring.
 
     Parameters
@@ -853,6 +908,8 @@ def review(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewCon
     client : an ``anthropic.Anthropic`` (or compatible) client; default: one built from
         ``ANTHROPIC_API_KEY``, ``cfg.base_url`` (or ``ANTHROPIC_BASE_URL``), ``max_retries`` and ``timeout_s``.
         Without a client and without the key, the review is skipped with one log line.
+    wanted : a streamed run's candidates (:class:`StreamedSelection`); ``records`` then holds them
+        and the rows the precheck caught, and the result covers those rows only.
     """
     ids = records[S.ID].astype(str).tolist()
     if len(set(ids)) != len(ids):
@@ -864,7 +921,7 @@ def review(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewCon
     recs = records.to_dict("records")
     payloads = {str(r[S.ID]): row_payload(r, cfg) for r in recs}
     cache = ReviewCache(cfg.cache_path)
-    sel = select(records, decisions, cfg, cache=cache, payloads=payloads)
+    sel = select(records, decisions, cfg, cache=cache, payloads=payloads, wanted=wanted)
     log.info("LLM review with %s: %d rows (%d from review, %d sampled, %d cached), estimated $%.4f of a $%.2f budget",
              cfg.model, len(sel.ids), sel.from_review, sel.sampled, sel.cached, sel.estimate.usd, cfg.max_cost_usd)
     if client is None:
@@ -951,7 +1008,7 @@ def _result(records: pd.DataFrame, ids: list[str], payloads: Mapping[str, RowPay
         p = payloads[rid]
         v = run.verdicts.get(p.key) if rid in selected else None
         err = run.errors.get(p.key) if rid in selected and v is None else None
-        pre = precheck("\n".join(t for _, t in _content_fields(rec)[1])) if cfg.precheck else None
+        pre = precheck(_checked_text(rec)) if cfg.precheck else None
         score, flag, rev, ev = 0.0, False, False, []
         if v is not None and v.suspicious:
             score = float(v.confidence)

@@ -24,6 +24,7 @@ Delivery" vs "special delivery") when a cluster's rows are spread over several s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -380,12 +381,18 @@ class ShardOutcome:
     hist: dict[str, np.ndarray]  # per detector: score histogram (20 bins over [0, 1])
     findings: dict[str, tuple[Finding, ...]]
     info: dict[str, dict[str, Any]]
+    # with the LLM review to run: the rows its precheck flags (positions in the shard) and, per fired
+    # row, each fired detector's (name, flagged, review, score, evidence), so the driver can fuse
+    # the review's verdict into a row's decision as :func:`poisonguard.sanitize.fuse` would
+    precheck: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    parts: dict[str, tuple[tuple[str, bool, bool, float, str], ...]] = field(default_factory=dict)
 
 
-def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig) -> ShardOutcome:
+def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig, review: bool = False) -> ShardOutcome:
     """Phase 3 of a streamed run on one shard: score it, fuse the detectors' decisions (row by
     row, as :func:`poisonguard.sanitize.fuse`; the finding titles wait for the merged findings)
-    and keep only what the driver needs."""
+    and keep only what the driver needs (``review``: and what the LLM review will need)."""
+    from poisonguard import llm_review
     from poisonguard import textfeat as tf
     from poisonguard.report import score_histogram
     from poisonguard.sanitize import fuse
@@ -395,19 +402,29 @@ def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig) -> Sh
     if ids.duplicated().any():
         raise ValueError(f"{shard}: record ids must be unique; repeated: {list(ids[ids.duplicated()][:3])}")
     results = score_shard(records, stats, cfg)
+    checked = np.asarray(llm_review.precheck_rows(records, cfg.llm_review) if review else [], dtype=np.int64)
     del records
     dec = fuse(ids, results, cfg.min_detectors, titles=False)
     code = np.zeros(len(dec), dtype=np.int8)
     for c, name in enumerate(DECISIONS):
         code[(dec[S.DECISION] == name).to_numpy()] = c
-    fired = dec.loc[dec[S.DETECTORS].to_numpy() != "", [S.DETECTORS, S.EVIDENCE]]
+    is_fired = dec[S.DETECTORS].to_numpy() != ""
+    fired = dec.loc[is_fired, [S.DETECTORS, S.EVIDENCE]]
+    parts: dict[str, tuple[tuple[str, bool, bool, float, str], ...]] = {}
+    if review:
+        cols = [(k, r.flagged.to_numpy(), r.review.to_numpy(), r.scores.to_numpy(dtype=float), r.evidence.to_numpy())
+                for k, r in results.items()]
+        for i in np.flatnonzero(is_fired).tolist():
+            parts[str(ids[i])] = tuple((k, bool(f[i]), bool(v[i]), float(sc[i]), str(e[i]))
+                                       for k, f, v, sc, e in cols if f[i] or v[i])
     return ShardOutcome(
         shard=str(shard), n=len(ids), keys=tf.stable_hash(ids.to_numpy(dtype=object)), decision=code,
         score=dec[S.SCORE].to_numpy(dtype=float), fired=fired,
         flagged={k: int(r.flagged.sum()) for k, r in results.items()},
         review={k: int(r.review.sum()) for k, r in results.items()},
         hist={k: score_histogram(r.scores.to_numpy()) for k, r in results.items()},
-        findings={k: r.findings for k, r in results.items()}, info={k: dict(r.info) for k, r in results.items()})
+        findings={k: r.findings for k, r in results.items()}, info={k: dict(r.info) for k, r in results.items()},
+        precheck=checked, parts=parts)
 
 
 @dataclass
@@ -490,15 +507,13 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
     file, the score step fuses its decisions and returns a :class:`ShardOutcome`, so this process
     holds about 9 bytes per row (decision and score) plus the fired rows and the findings, never
     the records (at 5M rows the records alone are ~3 GB in pandas). Same decisions and findings
-    as :func:`sanitize_sharded` over the same shards (``tests/test_sharded.py``). The LLM review
-    is not run here (it samples kept rows of the whole set; :func:`sanitize_sharded` runs it): with
-    the review enabled and an API key set this raises."""
+    as :func:`sanitize_sharded` over the same shards (``tests/test_sharded.py``), the LLM review's
+    included when it runs (:func:`_review_streamed`: the rows it picks and the rows its precheck
+    catches are the only records this process loads)."""
     from poisonguard import llm_review
 
     skipped = llm_review.skip_reason(cfg.llm_review)
-    if skipped is None:
-        raise ValueError("sanitize_streamed does not run the LLM review; use sanitize_sharded "
-                         "(it loads the records) or disable llm_review")
+    review = skipped is None
     t0 = time.perf_counter()
     shards = [Path(p) for p in shard_files]
     if not shards:
@@ -511,7 +526,7 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
     del summaries
     if progress:
         progress("score")
-    outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k))
+    outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k, [review] * k))
     del stats
     n_rows = sum(o.n for o in outcomes)
     keys = np.unique(np.concatenate([o.keys for o in outcomes]))
@@ -528,9 +543,111 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
                         "seconds": None, "findings": len(merged[name]), "info": outcomes[0].info[name]}
                  for name in names}
     hist = {name: np.sum([o.hist[name] for o in outcomes], axis=0).astype(int).tolist() for name in names}
+    llm_summary: dict[str, Any] = {"ran": False, "reason": skipped}
+    if review:
+        if progress:
+            progress("llm_review")
+        res, t_review = _review_streamed(shards, outcomes, names, cfg)
+        llm_summary = dict(res.info)
+        if llm_summary.get("ran"):
+            from poisonguard.report import score_histogram
+
+            findings = sort_findings(list(findings) + list(res.findings))
+            detectors[res.detector] = {"flagged": int(res.flagged.sum()), "review": int(res.review.sum()),
+                                       "seconds": t_review, "findings": len(res.findings), "info": res.info}
+            h = np.asarray(score_histogram(res.scores.to_numpy()), dtype=np.int64)
+            h[0] += n_rows - len(res.scores)      # rows the review did not see score 0
+            hist[res.detector] = h.astype(int).tolist()
     seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
-    return Streamed(outcomes, findings, detectors, hist, seconds, keys, finding_titles(findings),
-                    {"ran": False, "reason": skipped})
+    return Streamed(outcomes, findings, detectors, hist, seconds, keys, finding_titles(findings), llm_summary)
+
+
+def _review_streamed(shards: Sequence[Path], outcomes: list[ShardOutcome], names: list[str],
+                     cfg: SanitizeConfig) -> tuple[DetectorResult, float]:
+    """The LLM review of a streamed run, as :func:`poisonguard.sanitize.finish` runs it over all
+    rows: the rows it would pick are gathered from the shards' id and source columns and the
+    outcomes' decisions (:class:`poisonguard.llm_review.StreamedSelection`); only those and the rows
+    the precheck caught (:attr:`ShardOutcome.precheck`) are loaded and reviewed; their decisions
+    are fused again with the review's result (from each fired detector's part, :attr:`ShardOutcome.parts`)
+    and written back into ``outcomes``. Returns the review's result over the loaded rows (every other
+    row: score 0, nothing flagged) and its seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from poisonguard import llm_review
+    from poisonguard.sanitize import fuse
+
+    t0 = time.perf_counter()
+    rc = cfg.llm_review
+    sel = llm_review.StreamedSelection(rc)
+    labels = np.asarray(DECISIONS, dtype=object)
+    for path, o in zip(shards, outcomes):
+        cols = pq.read_table(path, columns=[S.ID, S.SOURCE]).to_pandas()
+        sel.add(cols[S.ID].astype(str).tolist(), cols[S.SOURCE].astype(str).tolist(), labels[o.decision], o.score)
+        del cols
+    wanted = sel.wanted()
+    want = set(wanted[0])
+    frames: list[pd.DataFrame] = []
+    where: list[tuple[int, np.ndarray]] = []
+    for k, (path, o) in enumerate(zip(shards, outcomes)):
+        ids = pq.read_table(path, columns=[S.ID]).column(S.ID).to_numpy(zero_copy_only=False)
+        hit = np.zeros(len(ids), dtype=bool)
+        hit[o.precheck] = True
+        if want:
+            hit |= np.fromiter((str(x) in want for x in ids), dtype=bool, count=len(ids))
+        pos = np.flatnonzero(hit)
+        if not len(pos):
+            continue
+        taken, start = [], 0
+        for batch in record_batches(Path(path), 100_000):
+            inside = pos[(pos >= start) & (pos < start + batch.num_rows)] - start
+            if len(inside):
+                taken.append(batch.take(pa.array(inside)))
+            start += batch.num_rows
+        frames.append(pa.Table.from_batches(taken).to_pandas())
+        where.append((k, pos))
+    sub = pd.concat(frames, ignore_index=True) if frames else io.empty_records()
+    sub_ids = pd.Index(sub[S.ID].astype(str).to_numpy(dtype=object), name=S.ID)
+    old_dec = np.concatenate([labels[outcomes[k].decision[p]] for k, p in where]) if where else np.zeros(0, object)
+    old_score = np.concatenate([outcomes[k].score[p] for k, p in where]) if where else np.zeros(0)
+    rev = llm_review.review(sub, pd.DataFrame({S.DECISION: old_dec, S.SCORE: old_score}, index=sub_ids), rc,
+                            wanted=wanted)
+    seconds = round(time.perf_counter() - t0, 3)
+    if rev.skipped_reason is not None:
+        return dataclasses.replace(rev.result, info=dict(rev.summary)), seconds
+    # the loaded rows fused again: every fired detector's part, then the review's result
+    m = len(sub_ids)
+    parts = {}
+    for k, p in where:
+        parts.update(outcomes[k].parts)
+    results: dict[str, DetectorResult] = {}
+    for j, name in enumerate(names):
+        fl, rv, sc, ev = np.zeros(m, bool), np.zeros(m, bool), np.zeros(m), np.full(m, "", dtype=object)
+        for i, rid in enumerate(sub_ids):
+            for part in parts.get(rid, ()):
+                if part[0] == name:
+                    _, fl[i], rv[i], sc[i], ev[i] = part
+        results[name] = DetectorResult(name, pd.Series(sc, index=sub_ids), pd.Series(fl, index=sub_ids),
+                                       pd.Series(rv, index=sub_ids), pd.Series(ev, index=sub_ids, dtype=object))
+    results[rev.result.detector] = rev.result
+    dec = fuse(sub_ids, results, cfg.min_detectors, titles=False)
+    # the fused score is the maximum over every detector; a row's others are in its old score
+    score = np.maximum(old_score, rev.result.scores.to_numpy(dtype=float).round(6))
+    code = np.zeros(m, dtype=np.int8)
+    for c, name in enumerate(DECISIONS):
+        code[dec[S.DECISION].to_numpy() == name] = c
+    at = 0
+    for k, p in where:
+        o = outcomes[k]
+        sl = slice(at, at + len(p))
+        o.decision, o.score = np.array(o.decision), np.array(o.score)     # a view of a frame is read-only
+        o.decision[p] = code[sl]
+        o.score[p] = score[sl]
+        part = dec.iloc[sl]
+        now = part.loc[part[S.DETECTORS].to_numpy() != "", [S.DETECTORS, S.EVIDENCE]]
+        o.fired = pd.concat([o.fired.drop(index=o.fired.index.intersection(now.index)), now])
+        at += len(p)
+    return dataclasses.replace(rev.result, info=dict(rev.summary)), seconds
 
 
 def _raise_repeated(outcomes: Sequence[ShardOutcome]) -> None:

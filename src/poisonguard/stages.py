@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from poisonguard import audit, code_version, io, lineage, llm_review, overrides, paths, provenance
+from poisonguard import audit, code_version, io, lineage, overrides, paths, provenance
 from poisonguard import report as rpt
 from poisonguard import schema as S
 from poisonguard.config import IncrementalConfig, IngestConfig, SanitizeConfig, section
@@ -142,8 +142,8 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
              provenance_dir: Path | None = paths.PROVENANCE, progress: Progress = None,
              n_shards: int = 1, map_: Callable[..., Any] | None = None,
              incremental: IncrementalConfig | None = None, ledger_dir: Path | None = None,
-             merge_: Callable[..., Any] | None = None, place_: Callable[..., Any] | None = None
-             ) -> dict[str, Any]:
+             merge_: Callable[..., Any] | None = None, place_: Callable[..., Any] | None = None,
+             stream: bool = True) -> dict[str, Any]:
     """Run the detectors and write clean/quarantine/rejected parquet files plus the reports.
 
     With ``n_shards > 1`` the detectors run shard by shard (:mod:`poisonguard.sharded`), the
@@ -152,9 +152,10 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
     held in memory on the cluster once (see :func:`poisonguard.sharded.sanitize_sharded`).
     With ``incremental`` (enabled) only rows the ledger has not seen are re-checked
     (:mod:`poisonguard.incremental`; ledger in ``ledger_dir``, default ``<state>/ledger``).
-    When the records are ingest's ``n_shards`` shard files (and no reference set, no LLM review to
-    run) the stage streams: the records are never loaded whole (:func:`_sanitize_streamed`, an
-    incremental night through :func:`_streamed_night`).
+    When the records are ingest's ``n_shards`` shard files (and no reference set) the stage streams:
+    the records are never loaded whole (:func:`_sanitize_streamed`, an incremental night through
+    :func:`_streamed_night`; the LLM review loads the rows it reviews); ``stream=False`` loads them
+    anyway (the in-memory run the streamed one is checked against).
     """
     from poisonguard import sanitize as san
     from poisonguard.source_rollup import rollup
@@ -182,10 +183,10 @@ def sanitize(cfg: SanitizeConfig, in_dir: Path = paths.INGESTED, out_dir: Path =
                                             place_=place_)
         return san.sanitize(rows, cfg, reference=reference, progress=progress)
 
-    if n_shards > 1 and len(files) == n_shards and llm_review.skip_reason(cfg.llm_review) is not None \
-            and reference is None:
+    if stream and n_shards > 1 and len(files) == n_shards and reference is None:
         # ingest's shards are the split: the records stay on disk (see _sanitize_streamed); an
-        # incremental night loads its delta set only
+        # incremental night loads its delta set only (the LLM review, when it runs, samples that set,
+        # as the in-memory night does; a full night's review loads the rows it picks)
         nightly, night = _streamed_night(cfg, files, incremental, ledger_dir, run)
         return _sanitize_streamed(cfg, files, rejected, ingest_summary, snap_root, out_dir, progress,
                                   map_ or map, merge_, nightly, night)
