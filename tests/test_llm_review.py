@@ -139,9 +139,11 @@ def test_streamed_selection_picks_what_select_picks(cfg):
         whole = L.select(recs, d, c)
         st = L.StreamedSelection(c)
         for lo in range(0, n, 70):                                     # parts in the records' order
-            st.add(ids[lo:lo + 70], srcs[lo:lo + 70], dec[lo:lo + 70], score[lo:lo + 70])
+            st.add(ids[lo:lo + 70], srcs[lo:lo + 70], dec[lo:lo + 70], score[lo:lo + 70], part=lo)
         part = L.select(recs, d, c, wanted=st.wanted())
         assert part.ids == whole.ids and part.to_dict() == whole.to_dict(), (max_rows, per)
+        # where each wanted row is: its part and position there
+        assert {rid: lo + i for rid, (lo, i) in st.located().items()} == {rid: ids.index(rid) for rid in st.wanted()[0]}
     assert whole.ids and L.select(recs, d, cfg(max_rows=60)).to_dict()["dropped_by_max_rows"] > 0
 
 

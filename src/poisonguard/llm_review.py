@@ -464,31 +464,40 @@ def _wanted(review_ids: list[str], picks: Mapping[str, list[str]], max_rows: int
 class StreamedSelection:
     """The rows :func:`select` wants, gathered a part of the records at a time (a streamed run: the
     parts in the records' order), holding the review rows and each source's best-ranked kept rows,
-    never every id: :meth:`wanted` equals the choice :func:`select` makes over all rows at once."""
+    never every id: :meth:`wanted` equals the choice :func:`select` makes over all rows at once, and
+    :meth:`located` says where each of those rows is (its part and position in the part)."""
 
     def __init__(self, cfg: ReviewConfig) -> None:
         self.cfg = cfg
         self.n = 0
-        self._review: list[tuple[float, int, str]] = []
-        self._picks: dict[str, list[tuple[str, str]]] = {}
+        self._review: list[tuple[float, int, str, tuple[Any, int]]] = []
+        self._picks: dict[str, list[tuple[str, str, tuple[Any, int]]]] = {}
 
-    def add(self, ids: Sequence[str], sources: Sequence[str], decisions: Sequence[str], scores: Sequence[float]) -> None:
-        """The next rows: their ids, sources, fused decisions and scores."""
+    def add(self, ids: Sequence[str], sources: Sequence[str], decisions: Sequence[str], scores: Sequence[float],
+            part: Any = None) -> None:
+        """The next rows (the part ``part``): their ids, sources, fused decisions and scores."""
         k = self.cfg.per_source_sample
-        fresh: dict[str, list[tuple[str, str]]] = {}
+        fresh: dict[str, list[tuple[str, str, tuple[Any, int]]]] = {}
         for i, (rid, src, d) in enumerate(zip(ids, sources, decisions)):
             if d == S.REVIEW:
-                self._review.append((-float(scores[i]), self.n + i, str(rid)))
+                self._review.append((-float(scores[i]), self.n + i, str(rid), (part, i)))
             elif d == S.KEEP and k:
-                fresh.setdefault(str(src), []).append((_rank(self.cfg.seed, str(rid)), str(rid)))
+                fresh.setdefault(str(src), []).append((_rank(self.cfg.seed, str(rid)), str(rid), (part, i)))
         for src, ranked in fresh.items():
             self._picks[src] = heapq.nsmallest(k, self._picks.get(src, []) + ranked)
         self.n += len(ids)
 
     def wanted(self) -> tuple[list[str], int]:
         """(the rows :func:`select` would consider, capped at ``max_rows``; how many it wanted)."""
-        review_ids = [rid for _, _, rid in sorted(self._review)]
-        return _wanted(review_ids, {s: [rid for _, rid in v] for s, v in self._picks.items()}, self.cfg.max_rows)
+        review_ids = [e[2] for e in sorted(self._review)]
+        return _wanted(review_ids, {s: [e[1] for e in v] for s, v in self._picks.items()}, self.cfg.max_rows)
+
+    def located(self) -> dict[str, tuple[Any, int]]:
+        """Id -> (part, position in it) of every row :meth:`wanted` names."""
+        keep = set(self.wanted()[0])
+        at = {e[2]: e[3] for e in self._review if e[2] in keep}
+        at.update((e[1], e[2]) for v in self._picks.values() for e in v if e[1] in keep)
+        return at
 
 
 def select(records: pd.DataFrame, decisions: pd.DataFrame | None, cfg: ReviewConfig, *,

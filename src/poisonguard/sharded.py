@@ -419,7 +419,7 @@ def score_fuse_shard(shard: Path | str, stats: Stats, cfg: SanitizeConfig, revie
                                        for k, f, v, sc, e in cols if f[i] or v[i])
     return ShardOutcome(
         shard=str(shard), n=len(ids), keys=tf.stable_hash(ids.to_numpy(dtype=object)), decision=code,
-        score=dec[S.SCORE].to_numpy(dtype=float), fired=fired,
+        score=dec[S.SCORE].to_numpy(dtype=float, copy=True), fired=fired,   # writable: the LLM review updates it
         flagged={k: int(r.flagged.sum()) for k, r in results.items()},
         review={k: int(r.review.sum()) for k, r in results.items()},
         hist={k: score_histogram(r.scores.to_numpy()) for k, r in results.items()},
@@ -581,21 +581,19 @@ def _review_streamed(shards: Sequence[Path], outcomes: list[ShardOutcome], names
     rc = cfg.llm_review
     sel = llm_review.StreamedSelection(rc)
     labels = np.asarray(DECISIONS, dtype=object)
-    for path, o in zip(shards, outcomes):
+    for k, (path, o) in enumerate(zip(shards, outcomes)):
         cols = pq.read_table(path, columns=[S.ID, S.SOURCE]).to_pandas()
-        sel.add(cols[S.ID].astype(str).tolist(), cols[S.SOURCE].astype(str).tolist(), labels[o.decision], o.score)
+        sel.add(cols[S.ID].astype(str).tolist(), cols[S.SOURCE].astype(str).tolist(), labels[o.decision], o.score,
+                part=k)
         del cols
     wanted = sel.wanted()
-    want = set(wanted[0])
+    picked: dict[int, list[int]] = {}
+    for k, i in sel.located().values():
+        picked.setdefault(k, []).append(i)
     frames: list[pd.DataFrame] = []
     where: list[tuple[int, np.ndarray]] = []
     for k, (path, o) in enumerate(zip(shards, outcomes)):
-        ids = pq.read_table(path, columns=[S.ID]).column(S.ID).to_numpy(zero_copy_only=False)
-        hit = np.zeros(len(ids), dtype=bool)
-        hit[o.precheck] = True
-        if want:
-            hit |= np.fromiter((str(x) in want for x in ids), dtype=bool, count=len(ids))
-        pos = np.flatnonzero(hit)
+        pos = np.union1d(np.asarray(picked.get(k, []), dtype=np.int64), o.precheck)
         if not len(pos):
             continue
         taken, start = [], 0
@@ -616,19 +614,18 @@ def _review_streamed(shards: Sequence[Path], outcomes: list[ShardOutcome], names
     if rev.skipped_reason is not None:
         return dataclasses.replace(rev.result, info=dict(rev.summary)), seconds
     # the loaded rows fused again: every fired detector's part, then the review's result
-    m = len(sub_ids)
-    parts = {}
+    m, col = len(sub_ids), {name: j for j, name in enumerate(names)}
+    fl, rv = np.zeros((m, len(names)), bool), np.zeros((m, len(names)), bool)
+    sc, ev = np.zeros((m, len(names))), np.full((m, len(names)), "", dtype=object)
+    i = 0
     for k, p in where:
-        parts.update(outcomes[k].parts)
-    results: dict[str, DetectorResult] = {}
-    for j, name in enumerate(names):
-        fl, rv, sc, ev = np.zeros(m, bool), np.zeros(m, bool), np.zeros(m), np.full(m, "", dtype=object)
-        for i, rid in enumerate(sub_ids):
-            for part in parts.get(rid, ()):
-                if part[0] == name:
-                    _, fl[i], rv[i], sc[i], ev[i] = part
-        results[name] = DetectorResult(name, pd.Series(sc, index=sub_ids), pd.Series(fl, index=sub_ids),
-                                       pd.Series(rv, index=sub_ids), pd.Series(ev, index=sub_ids, dtype=object))
+        for rid in sub_ids[i:i + len(p)]:
+            for name, *values in outcomes[k].parts.get(rid, ()):
+                fl[i, col[name]], rv[i, col[name]], sc[i, col[name]], ev[i, col[name]] = values
+            i += 1
+    results = {name: DetectorResult(name, pd.Series(sc[:, j], index=sub_ids), pd.Series(fl[:, j], index=sub_ids),
+                                    pd.Series(rv[:, j], index=sub_ids), pd.Series(ev[:, j], index=sub_ids, dtype=object))
+               for name, j in col.items()}
     results[rev.result.detector] = rev.result
     dec = fuse(sub_ids, results, cfg.min_detectors, titles=False)
     # the fused score is the maximum over every detector; a row's others are in its old score
@@ -640,7 +637,6 @@ def _review_streamed(shards: Sequence[Path], outcomes: list[ShardOutcome], names
     for k, p in where:
         o = outcomes[k]
         sl = slice(at, at + len(p))
-        o.decision, o.score = np.array(o.decision), np.array(o.score)     # a view of a frame is read-only
         o.decision[p] = code[sl]
         o.score[p] = score[sl]
         part = dec.iloc[sl]
