@@ -233,6 +233,18 @@ def test_hash_index_finds_the_first_row_of_each_string_and_never_a_wrong_one():
     pos = incremental._HashIndex(v, _coarse_keys(v)).lookup(q, _coarse_keys(q))
     assert all(p == -1 or p == e for p, e in zip(pos.tolist(), expect.tolist()))
     assert incremental._HashIndex(incremental.string_array(pd.Series([], dtype=str))).lookup(q).tolist() == [-1] * 8
+    # unique strings (a ledger's content hashes): the hash-table path finds the same positions
+    uniq = pd.Series(values).drop_duplicates().tolist()
+    u = incremental.string_array(pd.Series(uniq))
+    index = incremental._HashIndex(u)
+    assert index.table is not None
+    assert index.lookup(q).tolist() == pd.Index(uniq).get_indexer(query).tolist()
+    # a stored key that is wrong for its string makes that string look absent, nothing else
+    wrong = incremental._key64(u).copy()
+    wrong[0] ^= np.uint64(1)
+    want = pd.Index(uniq).get_indexer(query)
+    want[want == 0] = -1
+    assert incremental._HashIndex(u, wrong).lookup(q).tolist() == want.tolist()
 
 
 def test_ledger_table_keeps_the_most_severe_row_per_content_hash(nights):
@@ -294,3 +306,25 @@ def test_an_empty_ledger_makes_every_row_new(nights):
     p = incremental.plan(night2, led, fp, INC.model_copy(update={"max_new_fraction": 1.0}))
     assert p.mode == "incremental" and p.counts["new"] == len(night2) and p.counts["watched"] == 0
     assert p.delta.all()
+
+
+def test_the_plan_takes_old_rows_keys_from_the_ledger_and_needs_no_hash_key_column(nights, tmp_path):
+    """The ledger keeps each content hash's 64-bit key and prompt key: a night hashes only its new
+    rows' prompts; a ledger written before the hash-key column plans the same night; a key that
+    does not match its content hash only makes that row look new."""
+    night1, night2, _ = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    led = incremental.Ledger.load(tmp_path)
+    assert led is not None and incremental.HASH_KEY in led.table.columns
+    fp = incremental.fingerprint(CFG)
+    p = incremental.plan(night2, led, fp, INC)
+    assert p.mode == "incremental" and p.counts["new"] == int((~night2[S.CONTENT_HASH].isin(night1[S.CONTENT_HASH])).sum())
+    np.testing.assert_array_equal(p.prompt_keys, incremental.prompt_keys(night2))
+    old = incremental.Ledger(led.table.drop(columns=incremental.HASH_KEY), led.meta)
+    q = incremental.plan(night2, old, fp, INC)
+    for a, b in ((p.new, q.new), (p.delta, q.delta), (p.ledger_pos, q.ledger_pos), (p.prompt_keys, q.prompt_keys)):
+        np.testing.assert_array_equal(a, b)
+    wrong = led.table.copy()
+    wrong.loc[0, incremental.HASH_KEY] = np.uint64(12345)
+    r = incremental.plan(night2, incremental.Ledger(wrong, led.meta), fp, INC)
+    assert r.counts["new"] == p.counts["new"] + int((night2[S.CONTENT_HASH] == wrong.loc[0, S.CONTENT_HASH]).sum())

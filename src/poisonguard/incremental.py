@@ -59,6 +59,9 @@ log = logging.getLogger("poisonguard.incremental")
 LEDGER_FILE = "ledger.parquet"
 META_FILE = "ledger.json"
 LEDGER_COLUMNS = (S.CONTENT_HASH, "prompt_key", S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING)
+# optional: each content hash's 64-bit key (:func:`_key64`), so a night need not hash the ledger's
+# strings again (ledgers written before it lack it; a wrong key only makes its row look new)
+HASH_KEY = "hash_key"
 _SEVERITY = {S.KEEP: 0, S.REVIEW: 1, S.QUARANTINE: 2}
 # the code that decides: a change here invalidates the ledger (paths relative to the package)
 _DECIDING_CODE = ("detectors", "textfeat.py", "sanitize.py", "schema.py", "template.py", "llm_review.py")
@@ -107,28 +110,37 @@ def _key64(arr: pa.Array) -> np.ndarray:
 
 
 class _HashIndex:
-    """Positions of strings in a column, looked up through sorted 64-bit hashes and confirmed on
+    """Positions of strings in a column, looked up through their 64-bit hashes and confirmed on
     the full strings (a pandas string index hashes 1M Python strings per look-up, ~0.5 s each).
 
-    ``lookup`` gives the first position of each query string in the column, or -1. Two different
-    strings whose hashes collide make the later one look
-    absent (odds of a few in 10^8 for a 1M-row ledger): an incremental run then re-checks that row,
-    which is safe."""
+    ``lookup`` gives the first position of each query string in the column, or -1. The hashes go
+    in a hash table (1M look-ups in ~0.1 s) when they are unique, else in a sorted array (the
+    first of equal hashes wins). Two different strings whose hashes collide make the later one
+    look absent (odds of a few in 10^8 for a 1M-row ledger): an incremental run then re-checks
+    that row, which is safe."""
 
     def __init__(self, values: pa.Array, keys: np.ndarray | None = None) -> None:
         self.values = values
-        keys = _key64(values) if keys is None else keys
-        self.order = np.argsort(keys, kind="stable")
-        self.sorted = keys[self.order]
+        keys = _key64(values) if keys is None else np.asarray(keys, dtype=np.uint64)
+        table = pd.Index(keys, copy=False)
+        self.table: pd.Index | None = table if table.is_unique else None
+        if self.table is None:
+            self.order = np.argsort(keys, kind="stable")
+            self.sorted = keys[self.order]
 
     def lookup(self, query: pa.Array, keys: np.ndarray | None = None) -> np.ndarray:
         keys = _key64(query) if keys is None else keys
-        if not len(self.sorted):
-            return np.full(len(keys), -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
-        hit = np.flatnonzero(self.sorted[at] == keys)
         pos = np.full(len(keys), -1, dtype=np.int64)
-        cand = self.order[at[hit]]
+        if not len(self.values):
+            return pos
+        if self.table is not None:
+            at = self.table.get_indexer(keys)
+            hit = np.flatnonzero(at >= 0)
+            cand = at[hit].astype(np.int64)
+        else:
+            at = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+            hit = np.flatnonzero(self.sorted[at] == keys)
+            cand = self.order[at[hit]]
         same = pc.equal(self.values.take(pa.array(cand)), query.take(pa.array(hit)))
         same = pc.fill_null(same, False).to_numpy(zero_copy_only=False)
         pos[hit[same]] = cand[same]
@@ -177,7 +189,7 @@ def write_ledger(ledger_dir: Path, table: pa.Table, meta: dict[str, Any]) -> Non
     ledger_dir = Path(ledger_dir)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     tmp = ledger_dir / (LEDGER_FILE + ".tmp")
-    pq.write_table(table.select(list(LEDGER_COLUMNS)), tmp)
+    pq.write_table(table.select(list(LEDGER_COLUMNS) + ([HASH_KEY] if HASH_KEY in table.column_names else [])), tmp)
     tmp.replace(ledger_dir / LEDGER_FILE)  # atomic: a crash leaves the old ledger whole
     (ledger_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -195,6 +207,7 @@ class Plan:
     # 64-bit key (reused to complete the decisions and to write the ledger)
     ledger_pos: np.ndarray | None = None
     hash_keys: np.ndarray | None = None
+    prompt_keys: np.ndarray | None = None    # incremental plans: each record's :func:`prompt_keys`
 
 
 def full_counts(n: int) -> dict[str, int]:
@@ -227,7 +240,11 @@ def _new_rows_reason(n: int, n_new: int, inc: IncrementalConfig) -> str | None:
 
 def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: IncrementalConfig,
          keys: np.ndarray | None = None) -> Plan:
-    """Decide full vs incremental and pick the delta set (pure; see module docstring)."""
+    """Decide full vs incremental and pick the delta set (pure; see module docstring).
+
+    ``keys``: every record's :func:`prompt_keys` when the caller has them; else an incremental
+    plan takes an old row's from the ledger and hashes only the new rows' prompts (the plan's
+    ``prompt_keys``)."""
     n = len(records)
     everything = np.ones(n, dtype=bool)
 
@@ -240,7 +257,8 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     assert ledger is not None
     hashes = string_array(records[S.CONTENT_HASH])
     hkeys = _key64(hashes)
-    lpos = _HashIndex(string_array(ledger.table[S.CONTENT_HASH])).lookup(hashes, hkeys)
+    led_keys = ledger.table[HASH_KEY].to_numpy(dtype=np.uint64) if HASH_KEY in ledger.table.columns else None
+    lpos = _HashIndex(string_array(ledger.table[S.CONTENT_HASH]), led_keys).lookup(hashes, hkeys)
     is_old = lpos >= 0
     new = ~is_old
     n_new = int(new.sum())
@@ -250,7 +268,12 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     led_sev = _severity(ledger.table[S.DECISION].fillna(S.KEEP).to_numpy(dtype=object), 1)
     watched = is_old & (led_sev[np.maximum(lpos, 0)] != 0) if len(led_sev) else np.zeros(n, dtype=bool)
     if keys is None:
-        keys = prompt_keys(records)
+        # an old row's prompt key is the ledger's (the same content hash: the same canonical
+        # content); only the new rows' prompts are hashed
+        keys = ledger.table["prompt_key"].to_numpy(dtype=np.uint64)[np.maximum(lpos, 0)] if len(ledger.table) \
+            else np.zeros(n, dtype=np.uint64)
+        if n_new:
+            keys[new] = prompt_keys(records.loc[new, [S.PROMPT]])
     twins = np.zeros(n, dtype=bool)
     if n_new:
         cand = np.flatnonzero(is_old & ~watched & np.isin(keys, keys[new]))
@@ -266,7 +289,7 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     delta = new | watched | twins | base
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
-    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys)
+    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys)
 
 
 RunFn = Callable[[pd.DataFrame], Any]  # records -> SanitizeResult
@@ -286,8 +309,8 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
     t0 = time.perf_counter()
     fp = fingerprint(cfg)
     ledger = Ledger.load(ledger_dir)
-    keys = prompt_keys(records)
-    p = plan(records, ledger, fp, inc, keys)
+    p = plan(records, ledger, fp, inc)
+    keys = p.prompt_keys if p.prompt_keys is not None else prompt_keys(records)
     log.info("sanitize mode: %s (%s) %s", p.mode, p.reason, p.counts)
     if p.mode == "full":
         res = run(records)
@@ -348,7 +371,7 @@ def _ledger_table(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray, hkeys: n
         keep[order[first]] = True
         rows = by_sev[keep[by_sev]]
     take = pa.array(rows)
-    cols = {S.CONTENT_HASH: hashes.take(take), "prompt_key": pa.array(keys[rows]),
+    cols = {S.CONTENT_HASH: hashes.take(take), "prompt_key": pa.array(keys[rows]), HASH_KEY: pa.array(hkeys[rows]),
             S.SCORE: pa.array(dec[S.SCORE].to_numpy(dtype=float)[rows])}
     for c in (S.DECISION, S.DETECTORS, S.EVIDENCE, S.FINDING):
         cols[c] = string_array(dec[c]).take(take)

@@ -189,3 +189,64 @@ def test_strings_that_are_not_utf8_are_kept_as_objects():
     assert np.concatenate([p.scores.to_numpy() for p in parts]).tolist() == whole.scores.tolist()
     assert [e for p in parts for e in p.evidence] == whole.evidence.tolist()
     assert set(whole.flagged[whole.flagged].index) >= set(poisoned) - {frame.iloc[0]["id"]}
+
+
+def _response_groups(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Groups of responses: copies (same digest), variants sharing most words, unrelated answers,
+    empty answers and groups bigger than the batch and the founder cap."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)] + ["é", "naïve", "x_y", "42"]
+    previews: list[str] = []
+    groups: list[list[int]] = []
+    for size in [1, 2, 3, 5, 8, 13, 30, 70, 150] + [rng.randint(2, 12) for _ in range(40)]:
+        base = rng.sample(words, 12)
+        members: list[int] = []
+        for _ in range(size):
+            roll = rng.random()
+            if roll < 0.25 and members:
+                previews.append(previews[rng.choice(members)])            # an exact copy
+            elif roll < 0.55:
+                t = list(base)
+                for _ in range(rng.randint(0, 4)):
+                    t[rng.randrange(len(t))] = rng.choice(words)           # a variant
+                previews.append(" ".join(t) + rng.choice(["", ".", "!"]))
+            elif roll < 0.6:
+                previews.append("")
+            else:
+                previews.append(" ".join(rng.choices(words, k=rng.randint(1, 15))))
+            members.append(len(previews) - 1)
+        groups.append(members)
+    rows = np.arange(len(previews))
+    sizes = np.array([len(g) for g in groups])
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    digest = np.array([hash(p) & 0xFFFFFFFFFFFF for p in previews], dtype=np.uint64)
+    _, prev_row = np.unique(np.array(previews, dtype=object), return_inverse=True)
+    return rows, starts, starts + sizes, digest, prev_row, previews
+
+
+@pytest.mark.parametrize("batch,max_reps,dense", [(64, 64, 1 << 22), (3, 64, 1 << 22), (3, 4, 0), (64, 2, 0)])
+def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max_reps, dense):
+    from poisonguard.detectors import duplicates as D
+
+    monkeypatch.setattr(D, "_BATCH", batch)
+    monkeypatch.setattr(D, "_MAX_REPS", max_reps)
+    monkeypatch.setattr(D, "_DENSE_CELLS", dense)
+    for seed in range(3):
+        rows, starts, ends, digest, prev_row, previews = _response_groups(seed)
+        got = D._response_clusters(rows, starts, ends, digest, prev_row, previews.__getitem__, 0.6)
+        n_multi = 0
+        for s, e in zip(starts, ends):
+            members = rows[s:e].tolist()
+            want = D._response_clusters_sets(members, digest, previews.__getitem__, 0.6)
+            assert got[s:e].tolist() == [want[i] for i in members], (seed, s, e)
+            n_multi += len(set(want.values())) > 1
+        assert n_multi >= 20        # the groups really split into several clusters
+
+
+def test_token_hashes_are_the_token_sets():
+    from poisonguard.detectors import duplicates as D
+
+    texts = ["a b a b", "", "Naïve café, naïve café!", "x_y 42 x_y", "one"]
+    ptr, toks = D._tokset_hashes(texts)
+    for k, t in enumerate(texts):
+        assert len(toks[ptr[k]:ptr[k + 1]]) == len(set(toks[ptr[k]:ptr[k + 1]].tolist())) == len(D._tokset(t))

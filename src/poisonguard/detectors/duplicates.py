@@ -53,6 +53,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from itertools import chain
 from typing import Any, ClassVar
 
 import numpy as np
@@ -317,9 +318,10 @@ class DuplicatesDetector(Detector):
         groups: list[dict[str, Any] | None] = []
         # only rows with a positive margin are scored; the other group members are only counted
         minority: dict[str, tuple[float, int, int, int, int]] = {}
+        cluster = _response_clusters(rows, starts, ends, digest, prev_row, preview, p["response_agreement"])
         for g in by_first.tolist():
             members = rows[starts[g]:ends[g]].tolist()
-            clusters = _response_clusters(members, digest, preview, p["response_agreement"])
+            clusters = dict(zip(members, cluster[starts[g]:ends[g]].tolist()))
             sizes_c = Counter(clusters.values())
             m = max(sizes_c.values())
             top = [c for c, k in sizes_c.items() if k == m]
@@ -546,9 +548,199 @@ def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / u if u else 1.0
 
 
-def _response_clusters(members: list[int], digest: np.ndarray, preview: Callable[[int], str], agree: float
-                       ) -> dict[int, int]:
-    """Greedy clustering of a group's responses: same digest, or token Jaccard >= ``agree``."""
+def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every text's :func:`_tokset` as 64-bit hashes, vectorised: ``(indptr, tokens)``, each
+    text's tokens unique (``tokens[indptr[k]:indptr[k + 1]]``, in no particular order). Words are found as
+    :func:`_tokset` finds them; a bigram hashes as the ordered pair of its words' hashes (words
+    hold no space, so distinct strings stay distinct up to 64-bit collisions)."""
+    from poisonguard.textfeat import combine
+
+    words = [_WORDS.findall(s) for s in texts]
+    lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    flat = np.array(list(chain.from_iterable(words)), dtype=object)
+    del words
+    h = pd.util.hash_array(flat, categorize=True).astype(np.uint64) if len(flat) else np.zeros(0, np.uint64)
+    row = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
+    nxt = np.flatnonzero(row[1:] == row[:-1])
+    tok = np.concatenate([h, combine(h[nxt], h[nxt + 1])])
+    row = np.concatenate([row, row[nxt]])
+    order = np.argsort(row, kind="stable")
+    tok, row = tok[order], row[order]
+    # a text's repeated words and bigrams once (a hash table, no sort: the rows stay in order)
+    keep = ~pd.Series(combine(tok, row.astype(np.uint64)), copy=False).duplicated().to_numpy()
+    tok, row = tok[keep], row[keep]
+    indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=len(texts)), out=indptr[1:])
+    return indptr, tok
+
+
+def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, digest: np.ndarray,
+                       prev_row: np.ndarray, preview: Callable[[int], str], agree: float) -> np.ndarray:
+    """Cluster of each row's response within its group (groups: ``rows[starts[g]:ends[g]]``,
+    members in row order): the greedy rule of :func:`_response_clusters_sets`, vectorised.
+
+    Rows with the same digest share their first row's cluster without being compared. The first
+    row of each digest is tokenised (:func:`_tokset_hashes`, once per distinct preview); then
+    founder by founder: a group's next founder is its first row no earlier founder took, and
+    every later row still free that agrees with it (token Jaccard >= ``agree``) joins it. That is
+    the one-by-one greedy's partition (a row only ever meets founders that precede it). After
+    ``_MAX_REPS`` founders every free row is its own cluster. Groups of up to ``_BATCH`` distinct
+    answers go through these steps all at once, with their intersections from one block-diagonal
+    product; a bigger group takes its steps alone, one product with the founder's column each."""
+    n = len(rows)
+    out = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return out
+    g = np.repeat(np.arange(len(starts)), ends - starts)
+    d = digest[rows]
+    order = np.lexsort((np.arange(n), d, g))
+    run_start = np.ones(n, dtype=bool)
+    run_start[1:] = (g[order][1:] != g[order][:-1]) | (d[order][1:] != d[order][:-1])
+    run_first = order[run_start]
+    first_of = np.empty(n, dtype=np.int64)
+    first_of[order] = run_first[np.cumsum(run_start) - 1]      # each member's first row of its digest
+    firsts = np.sort(run_first)                               # group by group, in member order
+    distinct = np.bincount(g[firsts], minlength=len(starts))
+    sel = firsts[distinct[g[firsts]] >= 2]
+    if not len(sel):
+        return out
+    # token sets of the compared rows, as CSR (one tokenisation per distinct preview)
+    values, slot = np.unique(prev_row[rows[sel]], return_inverse=True)
+    one = np.zeros(len(values), dtype=np.int64)
+    one[slot[::-1]] = rows[sel][::-1]
+    vptr, vtok = _tokset_hashes([preview(int(i)) for i in one])
+    lens = vptr[slot + 1] - vptr[slot]
+    toks = vtok[np.repeat(vptr[slot] - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(int(lens.sum()))]
+    ptr = np.zeros(len(sel) + 1, dtype=np.int64)
+    np.cumsum(lens, out=ptr[1:])
+    sg = g[sel]
+    cid = np.full(len(sel), -1, dtype=np.int64)
+    small = distinct[sg] <= _BATCH
+    if small.any():
+        idx = np.flatnonzero(small)
+        cid[idx] = _founders_batched(sg[idx], _rows_of(ptr, toks, idx), lens[idx], agree)
+    for grp in np.unique(sg[~small]).tolist():
+        idx = np.flatnonzero(sg == grp)
+        cid[idx] = _founders(_rows_of(ptr, toks, idx), lens[idx], agree)
+    per_first = np.zeros(n, dtype=np.int64)
+    per_first[sel] = cid
+    return per_first[first_of]
+
+
+_BATCH = 64                     # groups of up to this many distinct answers are clustered together
+_DENSE_CELLS = 1 << 22          # incidence matrices up to 4M cells are dense
+
+
+def _rows_of(ptr: np.ndarray, toks: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(indptr, tokens)`` of rows ``idx`` of CSR ``(ptr, toks)``."""
+    lens = ptr[idx + 1] - ptr[idx]
+    out = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out, toks[np.repeat(ptr[idx] - out[:-1], lens) + np.arange(int(out[-1]))]
+
+
+def _agrees(x: np.ndarray, nt: np.ndarray, nr: np.ndarray, agree: float) -> np.ndarray:
+    """Token Jaccard ``x / (nt + nr - x) >= agree`` (sets of sizes ``nt``, ``nr`` sharing ``x``);
+    empty sets agree with nothing."""
+    union = nt + nr - x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ~(np.minimum(nt, nr) < agree * np.maximum(nt, nr)) & (union > 0) & (x / union >= agree)
+
+
+def _founders(csr: tuple[np.ndarray, np.ndarray], lens: np.ndarray, agree: float) -> np.ndarray:
+    """One group's clusters (see :func:`_response_clusters`), a founder at a time."""
+    from scipy.sparse import csr_matrix
+
+    ptr, toks = csr
+    k = len(lens)
+    vocab, col = np.unique(toks, return_inverse=True)
+    if k * len(vocab) <= _DENSE_CELLS:
+        m: Any = np.zeros((k, len(vocab)), dtype=np.float32)
+        m[np.repeat(np.arange(k), lens), col] = 1.0
+    else:
+        m = csr_matrix((np.ones(len(col), dtype=np.float32), col, ptr), shape=(k, len(vocab)))
+    nf = lens.astype(np.float64)
+    cid = np.full(k, -1, dtype=np.int64)
+    founders, u = 0, 0
+    while u < k and founders < _MAX_REPS:
+        cid[u] = founders
+        later = u + 1 + np.flatnonzero(cid[u + 1:] < 0)
+        if len(later):
+            x = m @ m[u].T          # the founder's column (no copy of the rows it is compared with)
+            x = np.rint(np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64).ravel())[later]
+            cid[later[_agrees(x, nf[later], nf[u], agree)]] = founders
+        founders += 1
+        free = np.flatnonzero(cid[u + 1:] < 0)
+        u = u + 1 + int(free[0]) if len(free) else k
+    rest = np.flatnonzero(cid < 0)
+    cid[rest] = founders + np.arange(len(rest))
+    return cid
+
+
+def _founders_batched(grp: np.ndarray, csr: tuple[np.ndarray, np.ndarray], lens: np.ndarray,
+                      agree: float) -> np.ndarray:
+    """Clusters of many small groups at once (``grp``: each row's group, rows group by group in
+    member order); the founder steps of :func:`_founders`, every group's at the same time."""
+    from scipy.sparse import csr_matrix
+
+    ptr, toks = csr
+    r = len(lens)
+    # columns are (group, token) pairs: the product of the incidence matrix with its transpose is
+    # then block diagonal, one k x k block of intersections per group
+    row_of_tok = np.repeat(np.arange(r), lens)
+    key_g = grp[row_of_tok]
+    o = np.lexsort((toks, key_g))
+    new = np.ones(len(o), dtype=bool)
+    new[1:] = (toks[o][1:] != toks[o][:-1]) | (key_g[o][1:] != key_g[o][:-1])
+    col = np.empty(len(o), dtype=np.int64)
+    col[o] = np.cumsum(new) - 1
+    m = csr_matrix((np.ones(len(col), dtype=np.float32), col, ptr), shape=(r, int(new.sum())))
+    prod = (m @ m.T).tocoo()
+    # group offsets, sizes, each row's position in its group, and where each group's block starts
+    _, g_start, g_size = np.unique(grp, return_index=True, return_counts=True)
+    gi = np.repeat(np.arange(len(g_start)), g_size)
+    pos = np.arange(r) - g_start[gi]
+    base = np.zeros(len(g_start), dtype=np.int64)
+    np.cumsum((g_size * g_size)[:-1], out=base[1:])
+    inter = np.zeros(int((g_size * g_size).sum()), dtype=np.float64)
+    i, j = prod.row.astype(np.int64), prod.col.astype(np.int64)
+    inter[base[gi[i]] + pos[i] * g_size[gi[i]] + pos[j]] = np.rint(prod.data)
+    nf = lens.astype(np.float64)
+    cid = np.full(r, -1, dtype=np.int64)
+    founders = np.zeros(len(g_start), dtype=np.int64)
+    fpos = np.zeros(len(g_start), dtype=np.int64)       # each active group's founder position
+    active = np.ones(len(g_start), dtype=bool)
+    while active.any():
+        ga = np.flatnonzero(active)
+        f = g_start[ga] + fpos[ga]
+        cid[f] = founders[ga]
+        cand = np.flatnonzero(active[gi] & (pos > fpos[gi]) & (cid < 0))
+        if len(cand):
+            cg = gi[cand]
+            fr = g_start[cg] + fpos[cg]
+            x = inter[base[cg] + pos[cand] * g_size[cg] + fpos[cg]]
+            ok = _agrees(x, nf[cand], nf[fr], agree)
+            cid[cand[ok]] = founders[cg[ok]]
+        founders[ga] += 1
+        # next founder: the first free row of each group (none, or _MAX_REPS founders: done)
+        active[:] = False
+        free = np.flatnonzero(cid < 0)
+        fg, first_free = np.unique(gi[free], return_index=True)
+        go = founders[fg] < _MAX_REPS
+        active[fg[go]] = True
+        fpos[fg[go]] = pos[free[first_free[go]]]
+    rest = np.flatnonzero(cid < 0)
+    if len(rest):       # past _MAX_REPS founders: each free row is its own cluster, in member order
+        rg = gi[rest]
+        rank = np.arange(len(rest)) - np.searchsorted(rg, rg)
+        cid[rest] = founders[rg] + rank
+    return cid
+
+
+def _response_clusters_sets(members: list[int], digest: np.ndarray, preview: Callable[[int], str], agree: float
+                            ) -> dict[int, int]:
+    """:func:`_response_clusters` on Python sets of strings (:func:`_tokset`): the plain
+    statement of the rule, kept as the reference its tests compare with."""
     reps: list[tuple[int, set[str]]] = []      # (cluster id, token set of its first response)
     by_digest: dict[int, int] = {}
     out: dict[int, int] = {}
@@ -560,12 +752,9 @@ def _response_clusters(members: list[int], digest: np.ndarray, preview: Callable
         toks = _tokset(preview(i))
         cid = None
         nt = len(toks)
-        # a consensus answer founds one of the first clusters (rows are in hashed-id order), so
-        # later rows are compared with the first _MAX_REPS clusters only: linear, not quadratic,
-        # in a big group of all-different answers
         for c, rt in reps[:_MAX_REPS]:
             nr = len(rt)
-            if min(nt, nr) < agree * max(nt, nr):   # Jaccard <= min/max: cannot reach `agree`
+            if min(nt, nr) < agree * max(nt, nr):
                 continue
             inter = len(toks & rt)
             union = nt + nr - inter

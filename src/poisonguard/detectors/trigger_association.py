@@ -317,21 +317,24 @@ def _contexts(tb: tf.RowTable, min_context: int) -> np.ndarray:
     return out
 
 
-def _window_segments(tb: tf.RowTable, has_resp: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token indices of the head and tail windows of every response: (global token index,
-    segment indptr, row of every segment). Short responses are one segment."""
-    lens = np.diff(tb.r_indptr)
-    lens = np.where(has_resp, lens, 0)
+def _window_segments(tb: tf.RowTable, has_resp: np.ndarray, window: int, rows: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token indices of the head and tail windows of every response (of ``rows`` only, when
+    given): (global token index, segment indptr, row of every segment). Short responses are one
+    segment."""
+    rows = np.arange(tb.n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    first = tb.r_indptr[rows]
+    lens = np.where(has_resp[rows], tb.r_indptr[rows + 1] - first, 0)
     short = lens <= 2 * window
     head = np.where(short, lens, window)
     tail_start = np.where(short, lens, lens - window)
     tail = lens - tail_start
-    starts = np.stack([tb.r_indptr[:-1], tb.r_indptr[:-1] + tail_start], axis=1).ravel()
+    starts = np.stack([first, first + tail_start], axis=1).ravel()
     seg_lens = np.stack([head, tail], axis=1).ravel()
     gidx = _ranges(starts, seg_lens)
     seg_ptr = np.zeros(len(seg_lens) + 1, dtype=np.int64)
     np.cumsum(seg_lens, out=seg_ptr[1:])
-    seg_row = np.repeat(np.arange(tb.n, dtype=np.int64), 2)
+    seg_row = np.repeat(rows, 2)
     return gidx, seg_ptr, seg_row
 
 
@@ -378,6 +381,7 @@ class _Features:
         self.tb = tb
         self.n = n = tb.n
         self.has_resp = has_resp
+        self.window = window
         self.ctx = ctx
         self.n_resp = int(has_resp.sum())
         self.common_df = max(0.2 * self.n_resp, 50.0)
@@ -581,18 +585,24 @@ class _Features:
             return 0.0
         A = A[:60]
         G = self.r_stems
-        rows = G.rows
-        sel = np.flatnonzero(np.isin(rows, A))
-        feat = G.feature_of_incidence()[sel]
-        ids = G.keys[feat]
+        # the rows' incidences of G, rebuilt from their own response windows (a scan of all of G's
+        # incidences per call cost more on a night's delta than the whole analysis of 1M rows)
+        ua = np.unique(A)
+        gidx, seg_ptr, seg_row = _window_segments(self.tb, self.has_resp, self.window, ua)
+        ids = G.feature_id(self.tb.stem_of(self.tb.r_hash[gidx]))
+        row = np.repeat(seg_row, np.diff(seg_ptr))
+        pair = np.unique(np.stack([row, ids.astype(np.int64, copy=False)], axis=1), axis=0) if len(ids) else \
+            np.zeros((0, 2), dtype=np.int64)
+        row, ids = pair[:, 0], pair[:, 1].astype(np.uint64)
+        feat = G.index_of(ids)
         drop = np.isin(ids, G.feature_id(np.array(sorted(payload), dtype=np.uint64))) | \
-            (G.df[feat] > self.common_df)
-        sel, feat = sel[~drop], feat[~drop]
-        if len(sel) == 0:
+            (G.df[np.maximum(feat, 0)] > self.common_df) | (feat < 0)
+        row, feat = row[~drop], feat[~drop]
+        if len(row) == 0:
             return 0.0
-        r = np.searchsorted(A, rows[sel]) if np.all(np.diff(A) > 0) else np.searchsorted(np.sort(A), rows[sel])
+        r = np.searchsorted(A, row) if np.all(np.diff(A) > 0) else np.searchsorted(np.sort(A), row)
         cols, c = np.unique(feat, return_inverse=True)
-        M = sp.csr_matrix((np.ones(len(sel)), (r, c)), shape=(len(A), len(cols)))
+        M = sp.csr_matrix((np.ones(len(row)), (r, c)), shape=(len(A), len(cols)))
         inter = (M @ M.T).toarray()
         size = np.diag(inter)
         union = size[:, None] + size[None, :] - inter
