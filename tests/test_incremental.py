@@ -169,6 +169,42 @@ def test_a_failing_run_leaves_the_ledger_untouched(nights, tmp_path):
     assert before == after
 
 
+@pytest.mark.parametrize("how", ["raises", "dies", "result fails"])
+def test_a_failing_ledger_write_or_completion_fails_the_night_and_leaves_the_ledger(nights, tmp_path, monkeypatch, how):
+    """Tonight's ledger is built in a forked process while the result is built here: a write that
+    raises (its own error), a writer that dies (named, with its exit code) or a completion that
+    fails each fail the night, and yesterday's ledger stays in place."""
+    import os
+
+    night1, night2, _ = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    before = (tmp_path / incremental.LEDGER_FILE).read_bytes(), (tmp_path / incremental.META_FILE).read_text()
+    real_table = incremental.ledger_table
+
+    def table(*args, **kwargs):
+        if how == "raises":
+            raise OSError("disk full")
+        if how == "dies":
+            os._exit(7)
+        return real_table(*args, **kwargs)
+
+    def result(*args, **kwargs):
+        raise ValueError("completion failed")
+
+    monkeypatch.setattr(incremental, "ledger_table", table)
+    if how == "result fails":
+        monkeypatch.setattr(incremental, "_result", result)
+    match = {"raises": "disk full", "dies": r"forked for writing the ledger .*exit code 7",
+             "result fails": "completion failed"}[how]
+    with pytest.raises((OSError, RuntimeError, ValueError), match=match):
+        incremental.sanitize_incremental(night2, CFG, tmp_path, INC, _runner([]))
+    after = (tmp_path / incremental.LEDGER_FILE).read_bytes(), (tmp_path / incremental.META_FILE).read_text()
+    assert before == after
+    monkeypatch.undo()
+    _, info = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, _runner([]))
+    assert info["mode"] == "incremental"
+
+
 def test_stage_reports_the_mode(nights, tmp_path):
     from poisonguard import io, paths
 
@@ -328,3 +364,11 @@ def test_the_plan_takes_old_rows_keys_from_the_ledger_and_needs_no_hash_key_colu
     wrong.loc[0, incremental.HASH_KEY] = np.uint64(12345)
     r = incremental.plan(night2, incremental.Ledger(wrong, led.meta), fp, INC)
     assert r.counts["new"] == p.counts["new"] + int((night2[S.CONTENT_HASH] == wrong.loc[0, S.CONTENT_HASH]).sum())
+
+
+def test_the_baseline_sample_is_the_first_rows_of_a_stable_hash_sort():
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 5, 300):
+        for k in (0, 1, 3, n, n + 2):
+            v = rng.integers(0, 7, n).astype(np.uint64)       # many ties: the earlier row wins
+            assert sorted(incremental._smallest(v, k).tolist()) == sorted(np.argsort(v, kind="stable")[:k].tolist())

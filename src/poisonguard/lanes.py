@@ -141,21 +141,69 @@ def _child(lane: list[str], work: Callable[[str], tuple[DetectorResult, float]],
             res, seconds = work(name)
             conn.send(("done", name, compact(res), seconds))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
-        try:
-            blob: bytes | None = pickle.dumps(exc)
-            pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - an exception that does not travel: its type and text do
-            blob = None
-        conn.send(("error", name, blob, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(_error(name, exc))
     finally:
         conn.close()
 
 
-def _raised(name: str, blob: bytes | None, text: str, tb: str, pid: int | None) -> BaseException:
-    where = f"in the detector lane process (pid {pid}) running {name!r}"
+def _raised(name: str, blob: bytes | None, text: str, tb: str, pid: int | None,
+            what: str = "detector lane process", subject: str = "detector") -> BaseException:
+    where = f"in the {what} (pid {pid}) running {name!r}" if subject else f"in the {what} (pid {pid})"
     if blob is not None:
         exc = pickle.loads(blob)
         if isinstance(exc, BaseException):
             exc.add_note(f"raised {where}; its traceback:\n{tb}")
             return exc
-    return RuntimeError(f"detector {name!r} failed {where}: {text}\n{tb}")
+    return RuntimeError(f"{f'{subject} {name!r}' if subject else name} failed {where}: {text}\n{tb}")
+
+
+def _error(name: str, exc: BaseException) -> tuple:
+    """The message a child sends for ``exc`` (the exception itself when it pickles)."""
+    try:
+        blob: bytes | None = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - an exception that does not travel: its type and text do
+        blob = None
+    return ("error", name, blob, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+class ForkedCall:
+    """``fn()`` in a forked child that reads the parent's memory copy-on-write, while the parent
+    goes on; :meth:`result` waits for it and returns its (picklable) value, or raises what it
+    raised (as :class:`ForkedLane` does). Use only where :func:`unavailable_reason` is None and no
+    other thread of the parent may hold a lock the child needs."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        ctx = mp.get_context("fork")
+        self.name = name
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_call_child, args=(fn, name, send), name=f"forked-{name}", daemon=True)
+        self._proc.start()
+        send.close()
+
+    def result(self) -> Any:
+        try:
+            try:
+                msg = self._recv.recv()
+            except EOFError:
+                self._proc.join(5)
+                raise RuntimeError(f"the process forked for {self.name} (pid {self._proc.pid}) ended without a "
+                                   f"result (exit code {self._proc.exitcode}: killed, or out of memory?)") from None
+            if msg[0] == "done":
+                return msg[1]
+            raise _raised(*msg[1:], pid=self._proc.pid, what="forked process", subject="")
+        finally:
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+            self._recv.close()
+
+
+def _call_child(fn: Callable[[], Any], name: str, conn: Any) -> None:
+    try:
+        conn.send(("done", fn()))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
+        conn.send(_error(name, exc))
+    finally:
+        conn.close()

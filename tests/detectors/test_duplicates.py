@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -233,14 +234,29 @@ def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max
     monkeypatch.setattr(D, "_DENSE_CELLS", dense)
     for seed in range(3):
         rows, starts, ends, digest, prev_row, previews = _response_groups(seed)
-        got = D._response_clusters(rows, starts, ends, digest, prev_row, previews.__getitem__, 0.6)
-        n_multi = 0
-        for s, e in zip(starts, ends):
+        got, sets = D._response_clusters(rows, starts, ends, digest, prev_row, previews.__getitem__, 0.6)
+        margins = D._margins(starts, ends, got, sets, 0.3)
+        n_multi = n_minority = 0
+        for g, (s, e) in enumerate(zip(starts, ends)):
             members = rows[s:e].tolist()
             want = D._response_clusters_sets(members, digest, previews.__getitem__, 0.6)
             assert got[s:e].tolist() == [want[i] for i in members], (seed, s, e)
             n_multi += len(set(want.values())) > 1
-        assert n_multi >= 20        # the groups really split into several clusters
+            # the margins as the one-member-at-a-time rule states them
+            sizes = Counter(want.values())
+            m = max(sizes.values())
+            top = [c for c, k in sizes.items() if k == m]
+            rep = next(j for j in members if want[j] == top[0])
+            for k, i in enumerate(members):
+                c = sizes[want[i]]
+                mg = (m - c) / (len(members) + 1) if (len(top) == 1 and c < m) else 0.0
+                if mg > 0 and D._jaccard(D._tokset(previews[i]), D._tokset(previews[rep])) >= 0.3:
+                    mg = 0.0
+                assert margins["margin"][s + k] == mg and margins["c"][s + k] == c, (seed, g, k)
+                n_minority += mg > 0
+            assert margins["m"][g] == m and margins["variants"][g] == len(sizes)
+            assert margins["consensus"][g] == (s + members.index(rep) if len(top) == 1 else -1)
+        assert n_multi >= 20 and n_minority >= 5    # the groups really split, and some rows are minorities
 
 
 def test_token_hashes_are_the_token_sets():

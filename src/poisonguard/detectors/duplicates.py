@@ -318,39 +318,29 @@ class DuplicatesDetector(Detector):
         groups: list[dict[str, Any] | None] = []
         # only rows with a positive margin are scored; the other group members are only counted
         minority: dict[str, tuple[float, int, int, int, int]] = {}
-        cluster = _response_clusters(rows, starts, ends, digest, prev_row, preview, p["response_agreement"])
+        cluster, sets = _response_clusters(rows, starts, ends, digest, prev_row, preview, p["response_agreement"])
+        mg = _margins(starts, ends, cluster, sets, p["disagreement"])
+        margin, c_size = mg["margin"], mg["c"]
         for g in by_first.tolist():
-            members = rows[starts[g]:ends[g]].tolist()
-            clusters = dict(zip(members, cluster[starts[g]:ends[g]].tolist()))
-            sizes_c = Counter(clusters.values())
-            m = max(sizes_c.values())
-            top = [c for c, k in sizes_c.items() if k == m]
+            lo, hi = int(starts[g]), int(ends[g])
             gid = len(groups)
-            nmem = len(members)
-            rep: set[str] | None = None
+            nmem, m = hi - lo, int(mg["m"][g])
             hit = False
-            for i in members:
-                c = sizes_c[clusters[i]]
-                mg = (m - c) / (nmem + 1) if (len(top) == 1 and c < m) else 0.0
-                if mg > 0:
-                    if rep is None:
-                        rep = _tokset(preview(next(j for j in members if clusters[j] == top[0])))
-                    if _jaccard(_tokset(preview(i)), rep) >= p["disagreement"]:
-                        mg = 0.0    # a variant of the consensus answer (code style, wording), not a contradiction
-                if mg > 0:
-                    minority[row_id(i)] = (mg, nmem, c, m, gid)
+            for k in (range(lo, hi) if shared_hash else (lo + np.flatnonzero(margin[lo:hi] > 0)).tolist()):
+                if margin[k] > 0:
+                    minority[row_id(int(rows[k]))] = (float(margin[k]), nmem, int(c_size[k]), m, gid)
                     hit = True
-                elif shared_hash:   # a repeated id: its last row decides, as in a dict of all rows
-                    minority.pop(row_id(i), None)
+                else:   # a repeated id: its last row decides, as in a dict of all rows
+                    minority.pop(row_id(int(rows[k])), None)
             if not hit:
                 groups.append(None)     # never read by score_with: no row of it has a margin
                 continue
             # a finding names the first 50 members
-            groups.append({"ids": [row_id(i) for i in members[:50]], "n": nmem, "variants": len(sizes_c),
-                           "majority": m,
-                           "majority_preview": preview(members[[clusters[i] for i in members].index(top[0])])[:80]
-                           if len(top) == 1 else "",
-                           "sources": dict(Counter(str(src_tab[src_row[i]]) for i in members))})
+            cons = int(mg["consensus"][g])
+            groups.append({"ids": [row_id(int(i)) for i in rows[lo:min(hi, lo + 50)]], "n": nmem,
+                           "variants": int(mg["variants"][g]), "majority": m,
+                           "majority_preview": preview(int(rows[cons]))[:80] if cons >= 0 else "",
+                           "sources": dict(Counter(str(src_tab[src_row[i]]) for i in rows[lo:hi].tolist()))})
         members_ids = ids_all[canon[rows]] if len(rows) else _strings([])
         return {"members": members_ids, "minority": minority, "groups": groups, "pairs": pairs}
 
@@ -575,7 +565,8 @@ def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, digest: np.ndarray,
-                       prev_row: np.ndarray, preview: Callable[[int], str], agree: float) -> np.ndarray:
+                       prev_row: np.ndarray, preview: Callable[[int], str], agree: float
+                       ) -> tuple[np.ndarray, _PositionSets]:
     """Cluster of each row's response within its group (groups: ``rows[starts[g]:ends[g]]``,
     members in row order): the greedy rule of :func:`_response_clusters_sets`, vectorised.
 
@@ -586,11 +577,13 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
     the one-by-one greedy's partition (a row only ever meets founders that precede it). After
     ``_MAX_REPS`` founders every free row is its own cluster. Groups of up to ``_BATCH`` distinct
     answers go through these steps all at once, with their intersections from one block-diagonal
-    product; a bigger group takes its steps alone, one product with the founder's column each."""
+    product; a bigger group takes its steps alone, one product with the founder's column each.
+    Also returns the token sets, by position in ``rows`` (:class:`_PositionSets`)."""
     n = len(rows)
     out = np.zeros(n, dtype=np.int64)
+    none = _PositionSets(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint64), np.full(n, -1, dtype=np.int64))
     if n == 0:
-        return out
+        return out, none
     g = np.repeat(np.arange(len(starts)), ends - starts)
     d = digest[rows]
     order = np.lexsort((np.arange(n), d, g))
@@ -603,7 +596,7 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
     distinct = np.bincount(g[firsts], minlength=len(starts))
     sel = firsts[distinct[g[firsts]] >= 2]
     if not len(sel):
-        return out
+        return out, none
     # token sets of the compared rows, as CSR (one tokenisation per distinct preview)
     values, slot = np.unique(prev_row[rows[sel]], return_inverse=True)
     one = np.zeros(len(values), dtype=np.int64)
@@ -624,7 +617,80 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
         cid[idx] = _founders(_rows_of(ptr, toks, idx), lens[idx], agree)
     per_first = np.zeros(n, dtype=np.int64)
     per_first[sel] = cid
-    return per_first[first_of]
+    slot_of = np.full(n, -1, dtype=np.int64)
+    slot_of[sel] = slot
+    return per_first[first_of], _PositionSets(vptr, vtok, slot_of[first_of])
+
+
+class _PositionSets:
+    """Token sets (:func:`_tokset_hashes`) per distinct preview, and each position's set (-1: its
+    group was not compared, one answer only)."""
+
+    def __init__(self, ptr: np.ndarray, toks: np.ndarray, set_of: np.ndarray) -> None:
+        self.ptr, self.toks, self.set_of = ptr, toks, set_of
+
+    def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Token Jaccard of the sets of positions ``a[k]`` and ``b[k]`` (two empty sets: 1.0, as
+        :func:`_jaccard`), all pairs at once: a pair's shared tokens are the repeats of
+        (pair, token) among both sets' tokens."""
+        sa, sb = self.set_of[a], self.set_of[b]
+        if (sa < 0).any() or (sb < 0).any():
+            raise ValueError("a position without a token set")
+        from poisonguard.textfeat import combine
+
+        la, lb = self.ptr[sa + 1] - self.ptr[sa], self.ptr[sb + 1] - self.ptr[sb]
+        pair = np.concatenate([np.repeat(np.arange(len(a)), la), np.repeat(np.arange(len(b)), lb)])
+        tok = np.concatenate([self.toks[_ranges_of(self.ptr[sa], la)], self.toks[_ranges_of(self.ptr[sb], lb)]])
+        shared = pd.Series(combine(tok, pair.astype(np.uint64)), copy=False).duplicated().to_numpy()
+        inter = np.bincount(pair[shared], minlength=len(a)).astype(np.float64)
+        union = la + lb - inter
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, inter / union, 1.0)
+
+
+def _ranges_of(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(starts[k], starts[k] + lens[k])``."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offs = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=offs[1:])
+    return np.repeat(starts - offs, lens) + np.arange(total)
+
+
+def _margins(starts: np.ndarray, ends: np.ndarray, cluster: np.ndarray, sets: _PositionSets,
+             disagreement: float) -> dict[str, np.ndarray]:
+    """Per group (``rows[starts[g]:ends[g]]``, clusters ``cluster``): the largest cluster's size
+    ``m``, the number of clusters, the position of the consensus (the first member of the largest
+    cluster when it is the only one that large, else -1); per member: its cluster's size ``c`` and
+    its margin ``(m - c) / (n + 1)`` (n: the group's size) when the group has one consensus and the
+    member is outside it and its answer's token Jaccard with the consensus is below
+    ``disagreement``, else 0."""
+    sizes = ends - starts
+    gpos = np.repeat(np.arange(len(starts)), sizes)
+    key = gpos * (int(cluster.max(initial=0)) + 1) + cluster
+    ukey, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    c = cnt[inv]
+    kg = ukey // (int(cluster.max(initial=0)) + 1)
+    m = np.zeros(len(starts), dtype=np.int64)
+    np.maximum.at(m, kg, cnt)
+    at_max = cnt == m[kg]
+    n_top = np.bincount(kg[at_max], minlength=len(starts))
+    variants = np.bincount(kg, minlength=len(starts))
+    top = np.full(len(starts), -1, dtype=np.int64)
+    top[kg[at_max]] = ukey[at_max] - kg[at_max] * (int(cluster.max(initial=0)) + 1)
+    one = n_top == 1
+    in_top = one[gpos] & (cluster == top[gpos])
+    cons = np.full(len(starts), -1, dtype=np.int64)
+    tg, first = np.unique(gpos[in_top], return_index=True)
+    cons[tg] = np.flatnonzero(in_top)[first]
+    mg = np.zeros(len(cluster), dtype=np.float64)
+    out = np.flatnonzero(one[gpos] & (c < m[gpos]))
+    mg[out] = (m[gpos[out]] - c[out]) / (sizes[gpos[out]] + 1)
+    if len(out):
+        variant = sets.jaccard(out, cons[gpos[out]]) >= disagreement
+        mg[out[variant]] = 0.0  # a variant of the consensus answer (code style, wording), not a contradiction
+    return {"m": m, "variants": variants, "consensus": cons, "c": c, "margin": mg}
 
 
 _BATCH = 64                     # groups of up to this many distinct answers are clustered together
