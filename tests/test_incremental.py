@@ -372,3 +372,22 @@ def test_the_baseline_sample_is_the_first_rows_of_a_stable_hash_sort():
         for k in (0, 1, 3, n, n + 2):
             v = rng.integers(0, 7, n).astype(np.uint64)       # many ties: the earlier row wins
             assert sorted(incremental._smallest(v, k).tolist()) == sorted(np.argsort(v, kind="stable")[:k].tolist())
+
+
+def test_content_keys_read_sha256_digests_and_hash_anything_else():
+    """A SHA-256 hex digest's key is its first 16 hex digits; any other value (wrong length, upper
+    case, not hex, null) gets the generic 64-bit hash; per value, whatever the array around it."""
+    import hashlib
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(5)]
+    odd = ["x" * 64, None, "ABCDEF" + "0" * 58, "", digests[0][:63], "g" + digests[0][1:]]
+    values = pa.array(digests + odd, pa.large_string())
+    keys = incremental.content_keys(values)
+    assert keys[:5].tolist() == [int(d[:16], 16) for d in digests]
+    for k, v in zip(keys[5:].tolist(), odd):
+        assert k == int(incremental._key64(pa.array([v], pa.large_string()))[0])
+    chunked = pa.chunked_array([values.slice(0, 3), values.slice(3, 4), values.slice(7)])
+    np.testing.assert_array_equal(incremental.content_keys(chunked), keys)
+    np.testing.assert_array_equal(incremental.content_keys(pa.array(digests[1:], pa.string())), keys[1:5])
+    np.testing.assert_array_equal(incremental.content_keys(values.slice(2, 6)), keys[2:8])
+    np.testing.assert_array_equal(incremental.content_keys(pd.Series(digests[:2])), keys[:2])

@@ -59,7 +59,7 @@ log = logging.getLogger("poisonguard.incremental")
 LEDGER_FILE = "ledger.parquet"
 META_FILE = "ledger.json"
 LEDGER_COLUMNS = (S.CONTENT_HASH, "prompt_key", S.DECISION, S.SCORE, S.DETECTORS, S.EVIDENCE, S.FINDING)
-# optional: each content hash's 64-bit key (:func:`_key64`), so a night need not hash the ledger's
+# optional: each content hash's 64-bit key (:func:`content_keys`), so a night need not key the ledger's
 # strings again (ledgers written before it lack it; a wrong key only makes its row look new)
 HASH_KEY = "hash_key"
 _SEVERITY = {S.KEEP: 0, S.REVIEW: 1, S.QUARANTINE: 2}
@@ -98,7 +98,8 @@ def prompt_keys(records: pd.DataFrame | pa.Table) -> np.ndarray:
 def string_array(values: Any) -> pa.Array | pa.ChunkedArray:
     """A string column (or index, or array) as Arrow strings: no copy for Arrow-backed data
     (pandas' default string columns), a conversion otherwise."""
-    arr = pa.array(getattr(values, "array", values), from_pandas=True)
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else \
+        pa.array(getattr(values, "array", values), from_pandas=True)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.large_string())
     return arr
@@ -107,6 +108,48 @@ def string_array(values: Any) -> pa.Array | pa.ChunkedArray:
 def _key64(arr: pa.Array) -> np.ndarray:
     """64-bit hash of each string (pandas' stable SipHash; nulls hash as None)."""
     return pd.util.hash_array(arr.to_numpy(zero_copy_only=False), categorize=False).astype(np.uint64)
+
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10, dtype=np.uint8)
+_HEX[np.frombuffer(b"abcdef", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def content_keys(hashes: Any) -> np.ndarray:
+    """64-bit key of each content hash: a SHA-256 hex digest (64 characters, the first 16 of them
+    lower-case hex) is already uniform, so its first 16 hex digits are its key (read from the
+    Arrow buffers, no Python strings); any other value gets :func:`_key64`'s hash. Per value, so
+    the same string has the same key in every call."""
+    arr = string_array(hashes)
+    if isinstance(arr, pa.ChunkedArray):
+        return np.concatenate([content_keys(c) for c in arr.chunks]) if arr.num_chunks else np.zeros(0, np.uint64)
+    n = len(arr)
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    _, off_buf, data_buf = arr.buffers()
+    off_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(off_buf, dtype=off_type)[arr.offset:arr.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    hexed = np.diff(offsets) == 64
+    if arr.null_count:
+        hexed &= arr.is_valid().to_numpy(zero_copy_only=False)
+    if hexed.all():     # every value 64 characters: the first 16 of each, without a gather
+        heads = data[offsets[0]:offsets[0] + 64 * n].reshape(n, 64)[:, :16]
+        blocks = [(np.arange(n), heads)]
+    else:
+        blk = np.flatnonzero(hexed)
+        blocks = [(blk[lo:lo + (1 << 18)], None) for lo in range(0, len(blk), 1 << 18)]
+    for blk, heads in blocks:
+        digits = _HEX[heads if heads is not None else data[offsets[blk, None] + np.arange(16)]]
+        good = (digits < 16).all(axis=1)
+        packed = np.ascontiguousarray((digits[:, 0::2] << 4) | digits[:, 1::2])    # 8 bytes, big-endian
+        out[blk[good]] = packed.view(">u8").ravel()[good]
+        hexed[blk[~good]] = False
+    rest = np.flatnonzero(~hexed)
+    if len(rest):
+        out[rest] = _key64(arr.take(pa.array(rest)))
+    return out
 
 
 class _HashIndex:
@@ -271,9 +314,11 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
         return full(reason)
     assert ledger is not None
     hashes = string_array(records[S.CONTENT_HASH])
-    hkeys = _key64(hashes)
-    led_keys = ledger.table[HASH_KEY].to_numpy(dtype=np.uint64) if HASH_KEY in ledger.table.columns else None
-    lpos = _HashIndex(string_array(ledger.table[S.CONTENT_HASH]), led_keys).lookup(hashes, hkeys)
+    hkeys = content_keys(hashes)
+    led_hashes = string_array(ledger.table[S.CONTENT_HASH])
+    led_keys = ledger.table[HASH_KEY].to_numpy(dtype=np.uint64) if HASH_KEY in ledger.table.columns else \
+        content_keys(led_hashes)
+    lpos = _HashIndex(led_hashes, led_keys).lookup(hashes, hkeys)
     is_old = lpos >= 0
     new = ~is_old
     n_new = int(new.sum())
@@ -391,7 +436,7 @@ def _ledger_table(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray, hkeys: n
                   dec: pd.DataFrame) -> pa.Table:
     """One entry per content hash: the most severe decision among identical rows (the first such
     row), most severe first, then in row order. ``hashes``, ``keys``, ``dec``: in the records' order."""
-    hkeys = _key64(hashes) if hkeys is None else hkeys
+    hkeys = content_keys(hashes) if hkeys is None else hkeys
     n = len(hashes)
     sev = _severity(dec[S.DECISION].to_numpy(dtype=object), -1).astype(np.int64)
     # rows most severe first, then in row order; then stably by hash
@@ -537,7 +582,7 @@ class ShardColumns:
         """Fail (naming the file) unless ``ids`` / ``hashes`` are the planned rows from ``at`` on."""
         k = len(ids)
         same = (at + k <= len(self.ids)
-                and np.array_equal(_key64(string_array(hashes)), self.hash_keys[at:at + k])
+                and np.array_equal(content_keys(hashes), self.hash_keys[at:at + k])
                 and pc.all(pc.equal(string_array(ids), self.ids.slice(at, k))).as_py() in (True, None))
         if not same:
             raise ValueError(f"{path}: its rows are not those tonight's run planned (did the file change?)")

@@ -665,24 +665,40 @@ class _Features:
             order = np.argsort(keys, kind="stable")
             self._ins_sorted = (keys[order], order)
         skeys, order = self._ins_sorted
-        lens = np.diff(tb.p_indptr)
-        for j, g in enumerate(rows):
-            n_ins = int(tb.p_ins[g])
-            if out[j] >= 4 or n_ins == 0 or n_ins >= lens[g]:  # in a task already / no separate input
+        # every row at once: its instruction's tokens without the pasted ones, keyed as
+        # instruction_keys keys a whole instruction (a row already in a task, without a separate
+        # input, or whose instruction loses none or all of its tokens keeps its own task)
+        rows = np.asarray(rows, dtype=np.int64)
+        n_ins = tb.p_ins[rows].astype(np.int64)
+        lens = tb.p_indptr[rows + 1] - tb.p_indptr[rows]
+        idx = np.flatnonzero((out < 4) & (n_ins > 0) & (n_ins < lens))
+        if not len(idx):
+            return out
+        seg = np.repeat(np.arange(len(idx)), n_ins[idx])
+        toks = tb.p_hash[_ranges(tb.p_indptr[rows[idx]], n_ins[idx])]
+        keep = ~np.isin(self.U.feature_id(toks), drop_fids)
+        n_keep = np.bincount(seg[keep], minlength=len(idx))
+        part = (n_keep > 0) & (n_keep < n_ins[idx])
+        keep &= part[seg]
+        idx, n_keep = idx[part], n_keep[part]
+        if not len(idx):
+            return out
+        rest = toks[keep]
+        ptr = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(n_keep, out=ptr[1:])
+        pos = (np.arange(len(rest), dtype=np.int64) - np.repeat(ptr[:-1], n_keep)).astype(np.uint64)
+        keys = tf.combine(tf.segment_sum_u64(tf.combine(rest, pos), ptr), n_keep.astype(np.uint64))
+        lo, hi = np.searchsorted(skeys, keys, side="left"), np.searchsorted(skeys, keys, side="right")
+        task_of: dict[int, int | None] = {}
+        for j, key, a, b in zip(idx.tolist(), keys.tolist(), lo.tolist(), hi.tolist()):
+            if b <= a:
                 continue
-            toks = tb.p_hash[tb.p_indptr[g]:tb.p_indptr[g] + n_ins]
-            keep = ~np.isin(self.U.feature_id(toks), drop_fids)
-            if keep.all() or not keep.any():
-                continue
-            rest = toks[keep]
-            key = tf.combine(tf.segment_sum_u64(tf.combine(rest, np.arange(len(rest), dtype=np.uint64)),
-                                                np.array([0, len(rest)])), np.uint64(len(rest)))[0]
-            lo, hi = np.searchsorted(skeys, key, side="left"), np.searchsorted(skeys, key, side="right")
-            if hi > lo:
-                tasks = self.ctx[order[lo:hi]]
+            if key not in task_of:      # rows whose instruction is the same without the pasted tokens
+                tasks = self.ctx[order[a:b]]
                 tasks = tasks[tasks >= 4]
-                if len(tasks):
-                    out[j] = _mode(tasks)
+                task_of[key] = _mode(tasks) if len(tasks) else None
+            if task_of[key] is not None:
+                out[j] = task_of[key]
         return out
 
     def is_small_task(self, block, T: np.ndarray, tid: int, t_n: int, ms: int) -> bool:
