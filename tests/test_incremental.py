@@ -356,9 +356,15 @@ def test_the_plan_takes_old_rows_keys_from_the_ledger_and_needs_no_hash_key_colu
     p = incremental.plan(night2, led, fp, INC)
     assert p.mode == "incremental" and p.counts["new"] == int((~night2[S.CONTENT_HASH].isin(night1[S.CONTENT_HASH])).sum())
     np.testing.assert_array_equal(p.prompt_keys, incremental.prompt_keys(night2))
-    old = incremental.Ledger(led.table.drop(columns=incremental.HASH_KEY), led.meta)
+    np.testing.assert_array_equal(led.table[incremental.ORDER_KEY].to_numpy(np.uint64),
+                                  incremental._key64(incremental.string_array(led.table[S.CONTENT_HASH])))
+    np.testing.assert_array_equal(led.table[incremental.HASH_KEY].to_numpy(np.uint64),
+                                  incremental.content_keys(led.table[S.CONTENT_HASH]))
+    # a ledger written before the key columns picks the same twins and baseline
+    old = incremental.Ledger(led.table.drop(columns=[incremental.HASH_KEY, incremental.ORDER_KEY]), led.meta)
     q = incremental.plan(night2, old, fp, INC)
-    for a, b in ((p.new, q.new), (p.delta, q.delta), (p.ledger_pos, q.ledger_pos), (p.prompt_keys, q.prompt_keys)):
+    for a, b in ((p.new, q.new), (p.delta, q.delta), (p.ledger_pos, q.ledger_pos), (p.prompt_keys, q.prompt_keys),
+                 (p.order_keys, q.order_keys), (p.order_keys, incremental._key64(incremental.string_array(night2[S.CONTENT_HASH])))):
         np.testing.assert_array_equal(a, b)
     wrong = led.table.copy()
     wrong.loc[0, incremental.HASH_KEY] = np.uint64(12345)

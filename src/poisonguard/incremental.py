@@ -62,6 +62,9 @@ LEDGER_COLUMNS = (S.CONTENT_HASH, "prompt_key", S.DECISION, S.SCORE, S.DETECTORS
 # optional: each content hash's 64-bit key (:func:`content_keys`), so a night need not key the ledger's
 # strings again (ledgers written before it lack it; a wrong key only makes its row look new)
 HASH_KEY = "hash_key"
+# optional: each content hash's generic 64-bit hash (:func:`_key64`), the order in which a night picks
+# its prompt twins and its baseline sample (kept so old rows need not be hashed again)
+ORDER_KEY = "order_key"
 _SEVERITY = {S.KEEP: 0, S.REVIEW: 1, S.QUARANTINE: 2}
 # the code that decides: a change here invalidates the ledger (paths relative to the package)
 _DECIDING_CODE = ("detectors", "textfeat.py", "sanitize.py", "schema.py", "template.py", "llm_review.py")
@@ -239,7 +242,7 @@ def stage_ledger(ledger_dir: Path, table: pa.Table) -> int:
     ledger_dir = Path(ledger_dir)
     ledger_dir.mkdir(parents=True, exist_ok=True)
     # uncompressed: the hashes (most of the bytes) do not compress, and writing is ~a third faster
-    pq.write_table(table.select(list(LEDGER_COLUMNS) + ([HASH_KEY] if HASH_KEY in table.column_names else [])),
+    pq.write_table(table.select(list(LEDGER_COLUMNS) + [c for c in (HASH_KEY, ORDER_KEY) if c in table.column_names]),
                    ledger_dir / (LEDGER_FILE + ".tmp"), compression="none")
     return int(table.num_rows)
 
@@ -266,6 +269,7 @@ class Plan:
     ledger_pos: np.ndarray | None = None
     hash_keys: np.ndarray | None = None
     prompt_keys: np.ndarray | None = None    # incremental plans: each record's :func:`prompt_keys`
+    order_keys: np.ndarray | None = None     # incremental plans: each content hash's :func:`_key64`
 
 
 def full_counts(n: int) -> dict[str, int]:
@@ -334,21 +338,30 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
             else np.zeros(n, dtype=np.uint64)
         if n_new:
             keys[new] = prompt_keys(records.loc[new, [S.PROMPT]])
+    # the order twins and the baseline are picked in: the content hashes' generic hash (the
+    # ledger's for old rows), so the same rows are picked as by every earlier version
+    okeys = np.zeros(n, dtype=np.uint64)
+    if len(ledger.table):
+        led_order = ledger.table[ORDER_KEY].to_numpy(dtype=np.uint64) if ORDER_KEY in ledger.table.columns else \
+            _key64(led_hashes)
+        okeys[is_old] = led_order[lpos[is_old]]
+    if n_new:
+        okeys[new] = _key64(hashes.filter(pa.array(new)))
     twins = np.zeros(n, dtype=bool)
     if n_new:
         cand = np.flatnonzero(is_old & ~watched & np.isin(keys, keys[new]))
         # a few copies per prompt are enough to show disagreeing answers; the first by content hash
-        frame = pd.DataFrame({"k": keys[cand], "h": hkeys[cand], "i": cand}).sort_values(["k", "h"], kind="stable")
+        frame = pd.DataFrame({"k": keys[cand], "h": okeys[cand], "i": cand}).sort_values(["k", "h"], kind="stable")
         twins[frame["i"].to_numpy()[frame.groupby("k", sort=False).cumcount().to_numpy() < inc.max_twins]] = True
     old_idx = np.flatnonzero(is_old & ~watched & ~twins)
     want = min(len(old_idx), max(int(np.ceil(inc.baseline_factor * n_new)), inc.min_baseline))
     # a fixed hash-ordered sample: the same old rows serve as the baseline night after night
     base = np.zeros(n, dtype=bool)
-    base[old_idx[_smallest(hkeys[old_idx], want)]] = True
+    base[old_idx[_smallest(okeys[old_idx], want)]] = True
     delta = new | watched | twins | base
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
-    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys)
+    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys, okeys)
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
@@ -387,7 +400,7 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
     runs_since = 0 if p.mode == "full" else int(ledger.meta.get("runs_since_full", 0)) + 1
 
     def stage(dec: pd.DataFrame) -> int:
-        return stage_ledger(ledger_dir, ledger_table(records[S.CONTENT_HASH], keys, dec, p.hash_keys))
+        return stage_ledger(ledger_dir, ledger_table(records[S.CONTENT_HASH], keys, dec, p.hash_keys, p.order_keys))
 
     if p.mode == "full":
         res = run(records)
@@ -425,15 +438,17 @@ def run_record(table: pa.Table | int, fp: str, mode: str, reason: str, runs_sinc
     return meta, info
 
 
-def ledger_table(hashes: Any, keys: np.ndarray, dec: pd.DataFrame, hash_keys: np.ndarray | None = None) -> pa.Table:
+def ledger_table(hashes: Any, keys: np.ndarray, dec: pd.DataFrame, hash_keys: np.ndarray | None = None,
+                 order_keys: np.ndarray | None = None) -> pa.Table:
     """Tonight's ledger from every row's content hash, prompt key (:func:`prompt_keys`) and
-    decision (``dec``: the ledger's decision columns, rows in the same order); ``hash_keys``: the
-    hashes' 64-bit keys when the caller has them (a plan's)."""
-    return _ledger_table(string_array(hashes), keys, hash_keys, dec)
+    decision (``dec``: the ledger's decision columns, rows in the same order); ``hash_keys`` /
+    ``order_keys``: the hashes' :func:`content_keys` / :func:`_key64` when the caller has them (a
+    plan's)."""
+    return _ledger_table(string_array(hashes), keys, hash_keys, dec, order_keys)
 
 
 def _ledger_table(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray, hkeys: np.ndarray | None,
-                  dec: pd.DataFrame) -> pa.Table:
+                  dec: pd.DataFrame, okeys: np.ndarray | None = None) -> pa.Table:
     """One entry per content hash: the most severe decision among identical rows (the first such
     row), most severe first, then in row order. ``hashes``, ``keys``, ``dec``: in the records' order."""
     hkeys = content_keys(hashes) if hkeys is None else hkeys
@@ -459,6 +474,7 @@ def _ledger_table(hashes: pa.Array | pa.ChunkedArray, keys: np.ndarray, hkeys: n
     take = pa.array(rows)
     cols = {S.CONTENT_HASH: hashes.take(take), "prompt_key": pa.array(keys[rows]), HASH_KEY: pa.array(hkeys[rows]),
             S.SCORE: pa.array(dec[S.SCORE].to_numpy(dtype=float)[rows])}
+    cols[ORDER_KEY] = pa.array(_key64(cols[S.CONTENT_HASH]) if okeys is None else np.asarray(okeys, np.uint64)[rows])
     for c in (S.DECISION, S.DETECTORS, S.EVIDENCE, S.FINDING):
         cols[c] = string_array(dec[c]).take(take)
     return pa.table(cols)

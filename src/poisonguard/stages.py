@@ -288,7 +288,7 @@ def _streamed_night(cfg: SanitizeConfig, files: list[Path], incremental: Increme
             cols.hash_keys = p.hash_keys
             part = run(incr.read_rows(cols, p.delta))
             data, _ = incr.decision_columns(cols.ids, part, ledger, p)
-            table = incr.ledger_table(cols.hashes, cols.keys, pd.DataFrame(data), p.hash_keys)
+            table = incr.ledger_table(cols.hashes, cols.keys, pd.DataFrame(data), p.hash_keys, p.order_keys)
             cols.hashes = None          # in the ledger table now; the write checks the 64-bit keys
             night = incr.CompletedNight(cols, data, part)
             del part
