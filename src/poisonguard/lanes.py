@@ -1,4 +1,4 @@
-"""Detector lanes in forked processes.
+"""Detector lanes (and other independent work) in forked processes.
 
 :func:`poisonguard.sanitize.run_detectors` splits the detectors into lanes (one per core). Lanes
 that are threads of one process share its interpreter lock, and the detectors' Python-level work
@@ -12,6 +12,9 @@ parent re-attaches its own id index (:func:`rebuild`), so every result reads one
 Fork-safety: every lane process is forked before any lane starts (a lane thread holding a lock at
 fork time would leave the child that lock held forever), and a child that finds torch loaded keeps
 it to one thread (GNU OpenMP hangs in a forked child whose parent used its thread pool).
+
+:class:`ForkedCall` runs one function the same way (an incremental night builds and stages its
+ledger in one while the parent assembles the result).
 
 Fail closed: a detector that raises in a child is raised again in the parent with its own type and
 message (the child's traceback attached as a note); a child that dies without a word (killed, out of
