@@ -296,6 +296,14 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
         return read_records(path)
 
     monkeypatch.setattr(io, "read_records", spy_read)
+    splits: list[tuple[int, int]] = []
+    split = sharded.split
+
+    def spy_split(rows, n):
+        splits.append((len(rows), n))
+        return split(rows, n)
+
+    monkeypatch.setattr(sharded, "split", spy_split)
 
     def ingest(rows: pd.DataFrame, name: str):
         raw = tmp_path / f"{name}.jsonl"
@@ -311,6 +319,7 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
     def night(ing, name, inc=inc):
         calls.clear()
         loads.clear()
+        splits.clear()
         out = stages.sanitize(cfg, ing, tmp_path / f"{name}_s", None, n_shards=4, map_=spy_map, incremental=inc,
                               ledger_dir=tmp_path / "led_s")
         streamed_calls, streamed_loads = list(calls), list(loads)
@@ -346,6 +355,8 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
     new = int((~recs[S.CONTENT_HASH].isin(set(first[S.CONTENT_HASH]))).sum())
     assert out["incremental"]["mode"] == "incremental" and out["incremental"]["new"] == new > 90
     assert out["incremental"]["delta"] < 500, "most rows were carried over from the ledger"
+    # the delta set (under a third of the rows) runs in 2 shards, not in ingest's 4
+    assert splits and all(n == 2 and rows == out["incremental"]["delta"] for rows, n in splits), splits
     assert "score_fuse_shard" not in seen and "summarize_shard" in seen, "the delta set ran in memory"
     assert not loaded, "the delta set is read from the shard files (checked against the plan), nothing else"
     assert json.loads((tmp_path / "led_s" / incremental.META_FILE).read_text())["runs_since_full"] == 1
