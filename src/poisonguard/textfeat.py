@@ -529,6 +529,16 @@ def row_lens(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return indptr[rows + 1] - indptr[rows]
 
 
+def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
+    lens = np.asarray(lens, dtype=np.int64)
+    tot = int(lens.sum())
+    if tot == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.repeat(np.asarray(starts, dtype=np.int64), lens) + (
+        np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
+
+
 def segment_sum_u64(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
     """Sum (mod 2**64) of ``values[indptr[i]:indptr[i+1]]`` for every segment (0 when empty)."""
     n = len(indptr) - 1

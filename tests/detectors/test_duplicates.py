@@ -192,6 +192,54 @@ def test_strings_that_are_not_utf8_are_kept_as_objects():
     assert set(whole.flagged[whole.flagged].index) >= set(poisoned) - {frame.iloc[0]["id"]}
 
 
+# ---------------------------------------------------------------- the clustering rule, stated plainly
+
+def _tokset(s: str) -> set[str]:
+    """A response's words and word bigrams (what duplicates' vectorised token sets hash)."""
+    from poisonguard.detectors import duplicates as D
+
+    w = D._WORDS.findall(s)
+    return set(w) | {a + " " + b for a, b in zip(w, w[1:])}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    u = len(a | b)
+    return len(a & b) / u if u else 1.0
+
+
+def _clusters_by_sets(members: list[int], digest: np.ndarray, preview, agree: float, max_reps: int) -> dict[int, int]:
+    """The greedy rule on Python sets, one response at a time: a response with a digest seen
+    before joins its cluster; else it joins the first of the first ``max_reps`` clusters whose
+    first response it agrees with (token Jaccard >= ``agree``; Jaccard <= min/max of the sizes),
+    else founds a cluster."""
+    reps: list[tuple[int, set[str]]] = []
+    by_digest: dict[int, int] = {}
+    out: dict[int, int] = {}
+    for i in members:
+        d = int(digest[i])
+        if d in by_digest:
+            out[i] = by_digest[d]
+            continue
+        toks = _tokset(preview(i))
+        cid = None
+        nt = len(toks)
+        for c, rt in reps[:max_reps]:
+            nr = len(rt)
+            if min(nt, nr) < agree * max(nt, nr):
+                continue
+            inter = len(toks & rt)
+            union = nt + nr - inter
+            if union and inter / union >= agree:
+                cid = c
+                break
+        if cid is None:
+            cid = len(reps)
+            reps.append((cid, toks))
+        by_digest[d] = cid
+        out[i] = cid
+    return out
+
+
 def _response_groups(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Groups of responses: copies (same digest), variants sharing most words, unrelated answers,
     empty answers and groups bigger than the batch and the founder cap."""
@@ -239,7 +287,7 @@ def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max
         n_multi = n_minority = 0
         for g, (s, e) in enumerate(zip(starts, ends)):
             members = rows[s:e].tolist()
-            want = D._response_clusters_sets(members, digest, previews.__getitem__, 0.6)
+            want = _clusters_by_sets(members, digest, previews.__getitem__, 0.6, max_reps)
             assert got[s:e].tolist() == [want[i] for i in members], (seed, s, e)
             n_multi += len(set(want.values())) > 1
             # the margins as the one-member-at-a-time rule states them
@@ -250,7 +298,7 @@ def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max
             for k, i in enumerate(members):
                 c = sizes[want[i]]
                 mg = (m - c) / (len(members) + 1) if (len(top) == 1 and c < m) else 0.0
-                if mg > 0 and D._jaccard(D._tokset(previews[i]), D._tokset(previews[rep])) >= 0.3:
+                if mg > 0 and _jaccard(_tokset(previews[i]), _tokset(previews[rep])) >= 0.3:
                     mg = 0.0
                 assert margins["margin"][s + k] == mg and margins["c"][s + k] == c, (seed, g, k)
                 n_minority += mg > 0
@@ -265,4 +313,4 @@ def test_token_hashes_are_the_token_sets():
     texts = ["a b a b", "", "Naïve café, naïve café!", "x_y 42 x_y", "one"]
     ptr, toks = D._tokset_hashes(texts)
     for k, t in enumerate(texts):
-        assert len(toks[ptr[k]:ptr[k + 1]]) == len(set(toks[ptr[k]:ptr[k + 1]].tolist())) == len(D._tokset(t))
+        assert len(toks[ptr[k]:ptr[k + 1]]) == len(set(toks[ptr[k]:ptr[k + 1]].tolist())) == len(_tokset(t))

@@ -94,6 +94,7 @@ from scipy import stats as sst
 
 from poisonguard import schema as S
 from poisonguard import textfeat as tf
+from poisonguard.textfeat import ranges as _ranges
 from poisonguard.detectors import _text as T
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
@@ -508,15 +509,6 @@ def _concat(parts: list[_Summary], consume: bool = False) -> _Summary:
     w_ptr, w_word, w_turn = csr("w_ptr", "w_word", "w_turn")
     return _Summary(key[order], cat("has_resp", order), n_ptr, n_key, n_turn, n_cont, w_ptr, w_word, w_turn, vocab)
 
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
-    lens = np.asarray(lens, dtype=np.int64)
-    tot = int(lens.sum())
-    if tot == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.repeat(np.asarray(starts, dtype=np.int64), lens) + (
-        np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
 
 
 def _empty_stats(sm: _Summary, info: dict[str, Any]) -> _Stats:

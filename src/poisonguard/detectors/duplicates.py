@@ -65,17 +65,13 @@ from poisonguard import schema as S
 from poisonguard.detectors import _text as T
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, HandedOver
 from poisonguard.detectors.registry import register
+from poisonguard.textfeat import combine, ranges
 
 _PREVIEW = 240
 _MAX_REPS = 64
 
 
 _WORDS = re.compile(r"\w+")
-
-
-def _tokset(s: str) -> set[str]:
-    w = _WORDS.findall(s)
-    return set(w) | {a + " " + b for a, b in zip(w, w[1:])}
 
 
 @register
@@ -533,18 +529,11 @@ def _agreement(tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _jaccard(a: set[str], b: set[str]) -> float:
-    u = len(a | b)
-    return len(a & b) / u if u else 1.0
-
-
 def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Every text's :func:`_tokset` as 64-bit hashes, vectorised: ``(indptr, tokens)``, each
-    text's tokens unique (``tokens[indptr[k]:indptr[k + 1]]``, in no particular order). Words are found as
-    :func:`_tokset` finds them; a bigram hashes as the ordered pair of its words' hashes (words
-    hold no space, so distinct strings stay distinct up to 64-bit collisions)."""
-    from poisonguard.textfeat import combine
-
+    """Every text's token set, its words (``_WORDS``) and word bigrams, as 64-bit hashes:
+    ``(indptr, tokens)``, each text's tokens unique (``tokens[indptr[k]:indptr[k + 1]]``, in no
+    particular order). A bigram hashes as the ordered pair of its words' hashes (words hold no
+    space, so distinct strings stay distinct up to 64-bit collisions)."""
     words = [_WORDS.findall(s) for s in texts]
     lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     flat = np.array(list(chain.from_iterable(words)), dtype=object)
@@ -568,7 +557,10 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
                        prev_row: np.ndarray, preview: Callable[[int], str], agree: float
                        ) -> tuple[np.ndarray, _PositionSets]:
     """Cluster of each row's response within its group (groups: ``rows[starts[g]:ends[g]]``,
-    members in row order): the greedy rule of :func:`_response_clusters_sets`, vectorised.
+    members in row order): in member order, a response joins the first of the first ``_MAX_REPS``
+    clusters whose first response it agrees with, else founds a cluster (rows are in hashed-id
+    order, so a consensus answer founds one of the first clusters: linear, not quadratic, in a big
+    group of all-different answers). Vectorised (tests compare it with that rule on Python sets):
 
     Rows with the same digest share their first row's cluster without being compared. The first
     row of each digest is tokenised (:func:`_tokset_hashes`, once per distinct preview); then
@@ -602,10 +594,8 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
     one = np.zeros(len(values), dtype=np.int64)
     one[slot[::-1]] = rows[sel][::-1]
     vptr, vtok = _tokset_hashes([preview(int(i)) for i in one])
-    lens = vptr[slot + 1] - vptr[slot]
-    toks = vtok[np.repeat(vptr[slot] - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(int(lens.sum()))]
-    ptr = np.zeros(len(sel) + 1, dtype=np.int64)
-    np.cumsum(lens, out=ptr[1:])
+    ptr, toks = _rows_of(vptr, vtok, slot)
+    lens = np.diff(ptr)
     sg = g[sel]
     cid = np.full(len(sel), -1, dtype=np.int64)
     small = distinct[sg] <= _BATCH
@@ -630,32 +620,20 @@ class _PositionSets:
         self.ptr, self.toks, self.set_of = ptr, toks, set_of
 
     def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Token Jaccard of the sets of positions ``a[k]`` and ``b[k]`` (two empty sets: 1.0, as
-        :func:`_jaccard`), all pairs at once: a pair's shared tokens are the repeats of
+        """Token Jaccard of the sets of positions ``a[k]`` and ``b[k]`` (two empty sets: 1.0), all
+        pairs at once: a pair's shared tokens are the repeats of
         (pair, token) among both sets' tokens."""
         sa, sb = self.set_of[a], self.set_of[b]
         if (sa < 0).any() or (sb < 0).any():
             raise ValueError("a position without a token set")
-        from poisonguard.textfeat import combine
-
         la, lb = self.ptr[sa + 1] - self.ptr[sa], self.ptr[sb + 1] - self.ptr[sb]
         pair = np.concatenate([np.repeat(np.arange(len(a)), la), np.repeat(np.arange(len(b)), lb)])
-        tok = np.concatenate([self.toks[_ranges_of(self.ptr[sa], la)], self.toks[_ranges_of(self.ptr[sb], lb)]])
+        tok = np.concatenate([self.toks[ranges(self.ptr[sa], la)], self.toks[ranges(self.ptr[sb], lb)]])
         shared = pd.Series(combine(tok, pair.astype(np.uint64)), copy=False).duplicated().to_numpy()
         inter = np.bincount(pair[shared], minlength=len(a)).astype(np.float64)
         union = la + lb - inter
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(union > 0, inter / union, 1.0)
-
-
-def _ranges_of(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(starts[k], starts[k] + lens[k])``."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    offs = np.zeros(len(lens), dtype=np.int64)
-    np.cumsum(lens[:-1], out=offs[1:])
-    return np.repeat(starts - offs, lens) + np.arange(total)
 
 
 def _margins(starts: np.ndarray, ends: np.ndarray, cluster: np.ndarray, sets: _PositionSets,
@@ -668,17 +646,17 @@ def _margins(starts: np.ndarray, ends: np.ndarray, cluster: np.ndarray, sets: _P
     ``disagreement``, else 0."""
     sizes = ends - starts
     gpos = np.repeat(np.arange(len(starts)), sizes)
-    key = gpos * (int(cluster.max(initial=0)) + 1) + cluster
-    ukey, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    width = int(cluster.max(initial=0)) + 1
+    ukey, inv, cnt = np.unique(gpos * width + cluster, return_inverse=True, return_counts=True)
     c = cnt[inv]
-    kg = ukey // (int(cluster.max(initial=0)) + 1)
+    kg = ukey // width
     m = np.zeros(len(starts), dtype=np.int64)
     np.maximum.at(m, kg, cnt)
     at_max = cnt == m[kg]
     n_top = np.bincount(kg[at_max], minlength=len(starts))
     variants = np.bincount(kg, minlength=len(starts))
     top = np.full(len(starts), -1, dtype=np.int64)
-    top[kg[at_max]] = ukey[at_max] - kg[at_max] * (int(cluster.max(initial=0)) + 1)
+    top[kg[at_max]] = ukey[at_max] % width
     one = n_top == 1
     in_top = one[gpos] & (cluster == top[gpos])
     cons = np.full(len(starts), -1, dtype=np.int64)
@@ -702,7 +680,7 @@ def _rows_of(ptr: np.ndarray, toks: np.ndarray, idx: np.ndarray) -> tuple[np.nda
     lens = ptr[idx + 1] - ptr[idx]
     out = np.zeros(len(idx) + 1, dtype=np.int64)
     np.cumsum(lens, out=out[1:])
-    return out, toks[np.repeat(ptr[idx] - out[:-1], lens) + np.arange(int(out[-1]))]
+    return out, toks[ranges(ptr[idx], lens)]
 
 
 def _agrees(x: np.ndarray, nt: np.ndarray, nr: np.ndarray, agree: float) -> np.ndarray:
@@ -801,35 +779,3 @@ def _founders_batched(grp: np.ndarray, csr: tuple[np.ndarray, np.ndarray], lens:
         rank = np.arange(len(rest)) - np.searchsorted(rg, rg)
         cid[rest] = founders[rg] + rank
     return cid
-
-
-def _response_clusters_sets(members: list[int], digest: np.ndarray, preview: Callable[[int], str], agree: float
-                            ) -> dict[int, int]:
-    """:func:`_response_clusters` on Python sets of strings (:func:`_tokset`): the plain
-    statement of the rule, kept as the reference its tests compare with."""
-    reps: list[tuple[int, set[str]]] = []      # (cluster id, token set of its first response)
-    by_digest: dict[int, int] = {}
-    out: dict[int, int] = {}
-    for i in members:
-        d = int(digest[i])
-        if d in by_digest:
-            out[i] = by_digest[d]
-            continue
-        toks = _tokset(preview(i))
-        cid = None
-        nt = len(toks)
-        for c, rt in reps[:_MAX_REPS]:
-            nr = len(rt)
-            if min(nt, nr) < agree * max(nt, nr):
-                continue
-            inter = len(toks & rt)
-            union = nt + nr - inter
-            if union and inter / union >= agree:
-                cid = c
-                break
-        if cid is None:
-            cid = len(reps)
-            reps.append((cid, toks))
-        by_digest[d] = cid
-        out[i] = cid
-    return out

@@ -98,6 +98,7 @@ from scipy import stats as sps
 
 from poisonguard import schema as S
 from poisonguard import textfeat as tf
+from poisonguard.textfeat import ranges as _ranges
 from poisonguard.detectors._stats import fit_temperature, poisson_binomial_log10_sf
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
@@ -676,14 +677,6 @@ def _family_out(name: str, L: int, obs: np.ndarray, lp: list[float], c_hash: np.
         ex[h] = float(expected[g])
     return {"family": name, "label": L, "tokens": toks, "log10_p": lp, "rows": rows, "k": kk, "expected": ex}
 
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + l)`` for every (start, length)."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ptr = np.concatenate([[0], np.cumsum(lens)])
-    return np.arange(total, dtype=np.int64) - np.repeat(ptr[:-1] - starts, lens)
 
 
 def _free_context(occ_row: np.ndarray, occ_h: np.ndarray, occ_u: np.ndarray, c_local: np.ndarray, m: int,

@@ -85,6 +85,7 @@ from scipy import stats as sps
 
 from poisonguard import schema as S
 from poisonguard import textfeat as tf
+from poisonguard.textfeat import ranges as _ranges
 from poisonguard.detectors._stats import fit_temperature, poisson_binomial_log10_sf
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, squash
 from poisonguard.detectors.registry import register
@@ -1312,15 +1313,6 @@ def _families(acc: list[_Accepted]) -> tuple[list[_Accepted], list[_Accepted]]:
     keep = [a for j, a in enumerate(acc) if j not in bad]
     return keep, [a for j, a in enumerate(acc) if j in bad]
 
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (start, length)."""
-    lens = np.asarray(lens, dtype=np.int64)
-    tot = int(lens.sum())
-    if tot == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.repeat(np.asarray(starts, dtype=np.int64), lens) + (
-        np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
 
 
 def _count_pairs(incidences: list[np.ndarray], n_rows: int, n_f: int, min_count: int,
