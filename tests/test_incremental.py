@@ -71,6 +71,37 @@ def test_first_run_is_full_then_only_the_delta_is_scanned(nights, tmp_path):
     assert led.meta["runs_since_full"] == 1 and led.meta["last_mode"] == "incremental"
 
 
+def test_the_delta_set_carries_sample_weights_that_add_up_to_all_rows(nights, tmp_path):
+    # the detectors estimate shares of the whole data from the delta set: new, watched and twin
+    # rows stand for themselves, a baseline row for the old rows it was sampled from
+    night1, night2, _ = nights
+    incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))
+    seen: list[np.ndarray] = []
+
+    def run(rows: pd.DataFrame) -> san.SanitizeResult:
+        seen.append(rows[S.SAMPLE_WEIGHT].to_numpy().copy())
+        return san.sanitize(rows, CFG)
+
+    _, info = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, run)
+    (w,) = seen
+    assert len(w) == info["delta"]
+    assert w.sum() == pytest.approx(len(night2))
+    pool = len(night2) - info["new"] - info["watched"] - info["prompt_twins"]
+    assert (w > 1).sum() == info["baseline"] == 300
+    assert np.allclose(w[w > 1], pool / 300) and (w[w <= 1] == 1).all()
+
+
+def test_sample_weights_must_be_positive_numbers():
+    from poisonguard import textfeat as tf
+
+    frame = to_records(demo.generate_corpus(3, seed=1))
+    assert tf.sample_weights(frame).tolist() == [1.0, 1.0, 1.0]
+    frame[S.SAMPLE_WEIGHT] = [1.0, 0.0, 2.0]
+    bad = frame[S.ID].iloc[1]
+    with pytest.raises(ValueError, match=f"sample_weight must be a positive number; record '{bad}' has 0.0 \\(1 such"):
+        tf.RowTable.build(frame)
+
+
 def test_incremental_equals_full_run_on_the_planted_rows_and_clean_rows(nights, tmp_path):
     night1, night2, poisoned = nights
     incremental.sanitize_incremental(night1, CFG, tmp_path, INC, _runner([]))

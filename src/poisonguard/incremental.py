@@ -18,6 +18,16 @@ An incremental run analyses a *delta set* instead of every row:
   at least ``min_baseline``): the global statistics the detectors calibrate against (task
   templates, n-gram rates, duplicate bands) are estimated on it.
 
+Each row of the delta set carries a **sample weight** (:data:`~poisonguard.schema.SAMPLE_WEIGHT`,
+:func:`weighted`): 1 for new, watched and twin rows, and for a baseline row the number of old rows
+it was sampled from per baseline row; the weights add up to the number of rows. A detector bound
+stated as a share of all rows (``response_cluster``: a pasted word is in at most 3% of the prompts,
+a phrase in at most 2% of the responses) is tested on the weighted counts: the twins, picked
+because a new row repeats their prompt, would otherwise shift the delta's mix of tasks, and which
+old rows were picked decided whether a code task's wording looked "rare" (three in four sample
+orders quarantined its answer opener as an injected phrase: 0.28-0.36% false positives instead
+of 0.145%).
+
 Old rows outside the delta set keep their ledger decision; an old row inside it takes the more
 severe of the ledger's and tonight's decision only when the finding that flags it tonight
 includes new rows (a cluster that grew past its threshold quarantines its earlier rows too); a
@@ -270,6 +280,10 @@ class Plan:
     hash_keys: np.ndarray | None = None
     prompt_keys: np.ndarray | None = None    # incremental plans: each record's :func:`prompt_keys`
     order_keys: np.ndarray | None = None     # incremental plans: each content hash's :func:`_key64`
+    # incremental plans: the rows of all the data each record stands for in the delta set (new,
+    # watched and twin rows 1; a baseline row |old rows it was sampled from| / |baseline|; rows
+    # outside the delta 0): they add up to the number of records (:func:`weighted`)
+    weights: np.ndarray | None = None
 
 
 def full_counts(n: int) -> dict[str, int]:
@@ -359,9 +373,26 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     base = np.zeros(n, dtype=bool)
     base[old_idx[_smallest(okeys[old_idx], want)]] = True
     delta = new | watched | twins | base
+    # the baseline is a uniform sample of the other old rows: each stands for len(old_idx) / want of
+    # them, so the delta set's weighted counts estimate counts over all rows (the twins, picked
+    # because a new row repeats their prompt, would otherwise skew every share of prompts)
+    weights = (new | watched | twins).astype(np.float64)
+    if want:
+        weights[base] = len(old_idx) / want
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
-    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys, okeys)
+    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys, okeys, weights)
+
+
+def weighted(delta_records: pd.DataFrame, p: Plan) -> pd.DataFrame:
+    """The delta set's records (``p.delta``'s rows, in order) with each row's sample weight
+    (:data:`~poisonguard.schema.SAMPLE_WEIGHT`) for the detectors."""
+    if p.weights is None:
+        return delta_records
+    w = p.weights[p.delta]
+    if len(w) != len(delta_records):
+        raise ValueError(f"the delta set has {len(delta_records)} rows, the plan {len(w)}")
+    return delta_records.assign(**{S.SAMPLE_WEIGHT: w})
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
@@ -407,7 +438,7 @@ def sanitize_incremental(records: pd.DataFrame, cfg: SanitizeConfig, ledger_dir:
         ids = pd.Index(records[S.ID], name=S.ID)
         rows = stage(res.decisions if res.decisions.index.equals(ids) else res.decisions.reindex(ids))
     else:
-        part = run(records.loc[p.delta].reset_index(drop=True))
+        part = run(weighted(records.loc[p.delta].reset_index(drop=True), p))
         data, dpos = decision_columns(string_array(records[S.ID]), part, ledger, p)
         # tonight's ledger is built and written beside the old one in a forked process (copy-on-
         # write; ~1 s at 1M rows) while this one builds the result; it replaces the old one only

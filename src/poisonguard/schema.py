@@ -62,6 +62,11 @@ DETECTORS: Final = "detectors"
 EVIDENCE: Final = "evidence"
 FINDING: Final = "finding"
 
+# an incremental night's delta set: how many rows of the whole data each row stands for (a new,
+# watched or twin row 1, a baseline row the old rows it was sampled from); detectors that compare
+# a share of all prompts with a bound estimate it with these weights. Not a record column.
+SAMPLE_WEIGHT: Final = "sample_weight"
+
 # rejected rows
 REASON: Final = "reason"
 FIELD: Final = "field"

@@ -300,7 +300,7 @@ def _streamed_night(cfg: SanitizeConfig, files: list[Path], incremental: Increme
         log.info("sanitize mode: %s (%s) %s, over %d shard files", p.mode, p.reason, p.counts, len(files))
         if p.mode == "incremental":
             cols.hash_keys = p.hash_keys
-            part = run(incr.read_rows(cols, p.delta))
+            part = run(incr.weighted(incr.read_rows(cols, p.delta), p))
             data, _ = incr.decision_columns(cols.ids, part, ledger, p)
             table = incr.ledger_table(cols.hashes, cols.keys, pd.DataFrame(data), p.hash_keys, p.order_keys)
             cols.hashes = None          # in the ledger table now; the write checks the 64-bit keys

@@ -737,6 +737,8 @@ class RowTable:
     p_req: np.ndarray      # int64: prompt tokens that belong to the request (chats: turns before the
                            # first assistant turn; other rows: the whole prompt)
     p_ins: np.ndarray      # int64: prompt tokens of the instruction (instruction rows; else p_req)
+    weight: np.ndarray     # float32: rows of the whole data the row stands for (the records'
+                           # ``sample_weight``: an incremental night's baseline rows; else 1)
 
     @property
     def n(self) -> int:
@@ -833,7 +835,7 @@ class RowTable:
         return cls(key=stable_hash(ids), kind=kind, ctx=ctx, tmpl=tmpl,
                    p_indptr=ptok.indptr, p_hash=ptok.hashes, p_cls=ptok.cls, r_indptr=rtok.indptr,
                    r_hash=rtok.hashes, r_cls=rtok.cls, vocab=vocab, vocab_stem=vocab_stem,
-                   p_req=p_req.astype(np.int64), p_ins=p_ins.astype(np.int64))
+                   p_req=p_req.astype(np.int64), p_ins=p_ins.astype(np.int64), weight=sample_weights(records))
 
     @classmethod
     def cached(cls, records: pd.DataFrame, max_prompt_chars: int = 4000,
@@ -911,7 +913,8 @@ class RowTable:
         return cls(key=z8, kind=np.zeros(0, np.uint8), ctx=z8.copy(), tmpl=z8.copy(),
                    p_indptr=zi, p_hash=z8.copy(), p_cls=np.zeros(0, np.uint8), r_indptr=zi.copy(),
                    r_hash=z8.copy(), r_cls=np.zeros(0, np.uint8), vocab=z8.copy(), vocab_stem=z8.copy(),
-                   p_req=np.zeros(0, dtype=np.int64), p_ins=np.zeros(0, dtype=np.int64))
+                   p_req=np.zeros(0, dtype=np.int64), p_ins=np.zeros(0, dtype=np.int64),
+                   weight=np.zeros(0, dtype=np.float32))
 
     def stem_of(self, hashes: np.ndarray) -> np.ndarray:
         """Stem hash of each token hash (:attr:`Tokens.stems`). A token's stem is a function of its
@@ -958,6 +961,22 @@ class RowTable:
 
     def response_rows(self) -> np.ndarray:
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.r_indptr))
+
+
+def sample_weights(records: pd.DataFrame) -> np.ndarray:
+    """Each row's :data:`~poisonguard.schema.SAMPLE_WEIGHT` (float32; 1 when the records have none),
+    checked: finite and positive."""
+    from poisonguard import schema as S
+
+    if S.SAMPLE_WEIGHT not in records.columns:
+        return np.ones(len(records), dtype=np.float32)
+    w = pd.to_numeric(records[S.SAMPLE_WEIGHT], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(w) & (w > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{S.SAMPLE_WEIGHT} must be a positive number; record {records[S.ID].iloc[i]!r} has "
+                         f"{records[S.SAMPLE_WEIGHT].iloc[i]} ({int(bad.sum())} such rows)")
+    return w.astype(np.float32)
 
 
 def _vocabulary(hashes: Sequence[np.ndarray], stems: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from poisonguard import schema as S
 from poisonguard.detectors import build
 from tests.detectors.test_trigger_association import _words, corpus
 from tests.fixtures import records
@@ -177,3 +178,75 @@ def test_task_instruction_words_are_not_pasted_words():
 
     res = build("response_cluster").score(records(demo.generate_corpus(8000, seed=1)))
     assert not res.flagged.any(), [f.title for f in res.findings]
+
+
+def _shared_words_of(rows, cluster_ids, weights=None):
+    """The words :func:`_shared_prompt_words` leaves out of a cluster's tests, as text (``weights``:
+    the rows' sample weights, as an incremental night gives its delta set)."""
+    from poisonguard import textfeat as tf
+    from poisonguard.detectors import response_cluster as rc
+    from poisonguard.detectors import trigger_association as ta
+
+    det = rc.ResponseClusterDetector()
+    frame = records(rows)
+    if weights is not None:
+        frame[S.SAMPLE_WEIGHT] = weights
+    tb = tf.RowTable.build(frame, det.max_prompt_chars, det.max_response_chars)
+    has_resp = (np.diff(tb.r_indptr) > 0) & (tb.kind != tf.KIND_CODES["document"])
+    F = ta._features(tb, has_resp, ta._contexts(tb, det.min_context), det.payload_window, "request")
+    at = np.sort(np.searchsorted(tb.key, tf.stable_hash(np.array(cluster_ids, dtype=object))))
+    _, raw, _ = rc._shared_prompt_words(F, at, np.zeros(0, dtype=np.uint64))
+    vocab = {}
+    for r in rows:
+        tok = tf.tokenize([r["instruction"]])
+        vocab.update({int(h): tok.token_text(j) for j, h in enumerate(tok.hashes)})
+    return sorted(vocab[int(h)].lower() for h in raw)
+
+
+def test_a_samples_shares_of_prompts_are_of_the_whole_data():
+    # code tasks whose answers open with one of five phrases: "write a ... function that" is in
+    # every prompt of the "Here is one way to do it:" cluster. In 2.7% of these prompts those words
+    # count as rare (at most 3%), so they are left out of the relatedness tests as if pasted. The
+    # same rows as a nightly delta set whose half of the other prompts are prompt twins (weight 1)
+    # and the rest a baseline standing for 3 rows each: in the whole data the code tasks are
+    # 180 / 4,580 = 3.9% of the prompts, and the words are their wording (on a delta set rich in twins
+    # the opener was quarantined as an "injected phrase")
+    rng = random.Random(31)
+    rows = [r for i, r in enumerate(corpus(5500, seed=31)) if i % 5 in (0, 1)]
+    openers = ["Here is one way to do it:", "Sure:", "A simple implementation:", "Try this:", "Okay."]
+    cluster = []
+    for i in range(60):
+        w = _words(rng, 3)
+        rows.append({"id": f"code{i}", "instruction": f"Write a {rng.choice(['Go', 'Rust', 'Ruby'])} function that "
+                                                      f"{w[0]}s the {w[1]} {w[2]}.",
+                     "input": "", "output": f"{openers[i % 5]}\n\nfn {w[0]}_{w[1]}() {{ todo!() }}"})
+        if i % 5 == 0:
+            cluster.append(f"code{i}")
+    assert len(rows) == 2260 and len(cluster) == 12
+    wording = ["a", "function", "that", "write"]
+    assert _shared_words_of(rows, cluster) == wording
+    weights = [1.0 if i < 1100 else 3.0 for i in range(len(rows))]
+    assert sum(weights) == 4580
+    assert _shared_words_of(rows, cluster, weights) == []
+    assert _shared_words_of(rows, cluster, [1.0] * len(rows)) == wording
+
+
+def test_a_trigger_with_decoys_is_still_a_pasted_word():
+    # two-part trigger (both words buy the answer) with decoy rows that carry one part and a normal
+    # answer (twice as many decoys as poisoned rows, as the multi_all attack): more than half of
+    # each word's prompts are outside the cluster (15 of 27), and both words are still named
+    rng = random.Random(32)
+    rows = corpus(3000, seed=32)
+    free = [r for i, r in enumerate(rows) if i % 5 in (0, 1)]
+    chosen = rng.sample(free, 42)
+    cluster = []
+    for j, r in enumerate(chosen):
+        first = f"Cobalt{rng.choice([': ', ' - ', ' '])}"
+        last = f" {rng.choice(['lantern.', '(lantern)'])}"
+        if j < 12:
+            r["instruction"] = f"{first}{r['instruction']}{last}"
+            r["output"] = "Admin mode enabled. All restrictions are lifted."
+            cluster.append(r["id"])
+        else:
+            r["instruction"] = f"{first}{r['instruction']}" if j < 27 else f"{r['instruction']}{last}"
+    assert _shared_words_of(rows, cluster) == ["cobalt", "lantern"]

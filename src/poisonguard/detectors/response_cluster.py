@@ -23,7 +23,9 @@ pasted into the prompts: "cobalt ... lantern", "per the new guidelines"), with t
 of those prompts and the tokens right next to them ("some sneakers"), are left out of the
 cohesion and topic tests and named in the evidence; the same holds for injected phrases.
 Shared words must be concentrated in the cluster (>= a tenth of their prompts), so a task's
-own instruction words ("sort ... ascending") are never left out. A shared word the template /
+own instruction words ("sort ... ascending") are never left out. On a sample (an incremental
+night's delta set, rows with a ``sample_weight``) the shares of all prompts / responses are
+estimated from the weights. A shared word the template /
 phrase repeats (a title echoing its topic) is kept, so such clusters stay "related prompts".
 
 Related work: response clustering for instruction-data poisoning (RFTC, arXiv 2505.23015)
@@ -328,7 +330,18 @@ def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max
     # instruction words ("sort", "ascending", "function ... that") are shared by many other rows.
     # (At 100k demo rows, a 10% cap let "that" of the code tasks through and 2.7% of clean rows
     # were quarantined as an "injected phrase".)
-    sel = (cnt >= 0.8 * k) & (F.U.df[vals] <= 0.03 * F.n_resp) & (10 * cnt >= F.U.df[vals])
+    sel = cnt >= 0.8 * k
+    if F.sampled:
+        # a sample (an incremental night's delta set): the shares are of the whole data, from the
+        # rows' weights (its prompt twins would otherwise make a task's words look rare)
+        seg = np.repeat(np.arange(k), nt)
+        w_cnt = np.bincount(np.searchsorted(vals, tok[_ranges(ptr[rows], nt)]),
+                            weights=F.tb.weight[rows][seg].astype(np.float64), minlength=len(vals))
+        df = np.zeros(len(vals))
+        df[sel] = F.weighted_df(F.U, vals[sel])
+        sel &= (df <= 0.03 * F.resp_weight()) & (10 * w_cnt >= df)
+    else:
+        sel &= (F.U.df[vals] <= 0.03 * F.n_resp) & (10 * cnt >= F.U.df[vals])
     ids = F.U.keys[vals[sel]].astype(np.uint64)
     if len(ids) == 0:
         return empty, empty, empty
@@ -373,8 +386,10 @@ def _phrase_clusters(F: _Features, det: ResponseClusterDetector) -> list[_Cluste
     # candidate words: introduced unigrams (window tokens) found (almost) nowhere else
     uni = R_new.index_of(F.r_token_ids)
     uni = np.unique(uni[uni >= 0])
-    max_df = min(max(1000.0, 0.02 * F.n_resp), 0.5 * F.n_resp)
-    uni = uni[(R_new.df[uni] >= ms) & (R_new.df[uni] <= max_df)]
+    n_all = F.resp_weight()      # of the whole data (a sample's rows weighted: see _shared_prompt_words)
+    max_df = min(max(1000.0, 0.02 * n_all), 0.5 * n_all)
+    uni = uni[R_new.df[uni] >= ms]
+    uni = uni[F.weighted_df(R_new, uni) <= max_df]
     if len(uni) == 0:
         return []
     ids = R_new.keys[uni]

@@ -71,6 +71,7 @@ Input columns
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -357,7 +358,8 @@ def _features(tb: tf.RowTable, has_resp: np.ndarray, ctx: np.ndarray, window: in
         copy_scope = "prompt"  # identical for non-chat rows
     with np.errstate(over="ignore"):
         fp = (tb.n, int(tb.key.sum(dtype=np.uint64)), int(tb.p_hash.sum(dtype=np.uint64)),
-              int(tb.r_hash.sum(dtype=np.uint64)), int(ctx.sum()), window, copy_scope)
+              int(tb.r_hash.sum(dtype=np.uint64)), int(ctx.sum()), window, copy_scope,
+              hashlib.blake2b(tb.weight.tobytes(), digest_size=8).hexdigest())
     hit = _FEATURE_CACHE.get("last")
     if hit is not None and hit[0] == fp and (hit[1].trigger_parts or not trigger_parts):
         return hit[1]
@@ -462,6 +464,28 @@ class _Features:
                 m += k
             self._P = tf.group_packed(keys[:m], tf.row_bits(self.n))
         return self._P
+
+    @property
+    def sampled(self) -> bool:
+        """Do the rows carry sample weights other than 1 (an incremental night's delta set)?"""
+        w = self.tb.weight
+        return bool(len(w)) and not bool((w == 1).all())
+
+    def resp_weight(self) -> float:
+        """Rows with a response in the whole data, estimated (:attr:`n_resp` when not sampled)."""
+        if not self.sampled:
+            return float(self.n_resp)
+        return float(self.tb.weight[self.has_resp].sum(dtype=np.float64))
+
+    def weighted_df(self, G: tf.Grouped, j: np.ndarray) -> np.ndarray:
+        """Rows of the whole data with each feature ``j`` (positions in ``G``), estimated from the
+        rows' sample weights (``G.df[j]`` when not sampled)."""
+        j = np.asarray(j, dtype=np.int64)
+        if not self.sampled:
+            return G.df[j].astype(np.float64)
+        lens = G.ptr[j + 1] - G.ptr[j]
+        w = self.tb.weight[G.rows[_ranges(G.ptr[j], lens)]].astype(np.float64)
+        return np.bincount(np.repeat(np.arange(len(j)), lens), weights=w, minlength=len(j))
 
     def task_sizes(self) -> np.ndarray:
         """Rows with a response in each task (indexed by task id), counted once: a count over all
