@@ -299,8 +299,12 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
     splits: list[tuple[int, int]] = []
     split = sharded.split
 
+    weights: list[float] = []
+
     def spy_split(rows, n):
         splits.append((len(rows), n))
+        if S.SAMPLE_WEIGHT in rows.columns:
+            weights.append(float(rows[S.SAMPLE_WEIGHT].sum()))
         return split(rows, n)
 
     monkeypatch.setattr(sharded, "split", spy_split)
@@ -357,6 +361,8 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
     assert out["incremental"]["delta"] < 500, "most rows were carried over from the ledger"
     # the delta set (under a third of the rows) runs in 2 shards, not in ingest's 4
     assert splits and all(n == 2 and rows == out["incremental"]["delta"] for rows, n in splits), splits
+    # ... with the sample weights of the in-memory night: they stand for every row of the night
+    assert len(weights) == len(splits) and all(w == pytest.approx(len(recs)) for w in weights), (weights, len(recs))
     assert "score_fuse_shard" not in seen and "summarize_shard" in seen, "the delta set ran in memory"
     assert not loaded, "the delta set is read from the shard files (checked against the plan), nothing else"
     assert json.loads((tmp_path / "led_s" / incremental.META_FILE).read_text())["runs_since_full"] == 1
