@@ -467,15 +467,20 @@ class _Features:
 
     @property
     def sampled(self) -> bool:
-        """Do the rows carry sample weights other than 1 (an incremental night's delta set)?"""
-        w = self.tb.weight
-        return bool(len(w)) and not bool((w == 1).all())
+        """Do the rows carry sample weights other than 1 (an incremental night's delta set)?
+        (Checked once: the phrase and template steps ask per cluster.)"""
+        if "_sampled" not in self.__dict__:
+            w = self.tb.weight
+            self._sampled = bool(len(w)) and not bool((w == 1).all())
+        return self._sampled
 
     def resp_weight(self) -> float:
         """Rows with a response in the whole data, estimated (:attr:`n_resp` when not sampled)."""
         if not self.sampled:
             return float(self.n_resp)
-        return float(self.tb.weight[self.has_resp].sum(dtype=np.float64))
+        if "_resp_weight" not in self.__dict__:
+            self._resp_weight = float(self.tb.weight[self.has_resp].sum(dtype=np.float64))
+        return self._resp_weight
 
     def weighted_df(self, G: tf.Grouped, j: np.ndarray) -> np.ndarray:
         """Rows of the whole data with each feature ``j`` (positions in ``G``), estimated from the
