@@ -361,7 +361,7 @@ def test_nightly_runs_stream_and_write_what_the_in_memory_nights_write(frame, tm
     assert out["incremental"]["delta"] < 500, "most rows were carried over from the ledger"
     # the delta set (under a third of the rows) runs in 2 shards, not in ingest's 4
     assert splits and all(n == 2 and rows == out["incremental"]["delta"] for rows, n in splits), splits
-    # ... with the sample weights of the in-memory night: they stand for every row of the night
+    # ... with sample weights (in the streamed night as in the in-memory one): they add up to the night's rows
     assert len(weights) == len(splits) and all(w == pytest.approx(len(recs)) for w in weights), (weights, len(recs))
     assert "score_fuse_shard" not in seen and "summarize_shard" in seen, "the delta set ran in memory"
     assert not loaded, "the delta set is read from the shard files (checked against the plan), nothing else"

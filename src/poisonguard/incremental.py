@@ -20,7 +20,8 @@ An incremental run analyses a *delta set* instead of every row:
 
 Each row of the delta set carries a **sample weight** (:data:`~poisonguard.schema.SAMPLE_WEIGHT`,
 :func:`weighted`): 1 for new, watched and twin rows, and for a baseline row the number of old rows
-it was sampled from per baseline row; the weights add up to the number of rows. A detector bound
+it was sampled from per baseline row; the weights add up to the number of rows (when a baseline
+is sampled at all: ``min_baseline: 0`` with ``baseline_factor: 0`` samples none). A detector bound
 stated as a share of all rows (``response_cluster``: a pasted word is in at most 3% of the prompts,
 a phrase in at most 2% of the responses) is tested on the weighted counts: the twins, picked
 because a new row repeats their prompt, would otherwise shift the delta's mix of tasks, and which
@@ -282,7 +283,8 @@ class Plan:
     order_keys: np.ndarray | None = None     # incremental plans: each content hash's :func:`_key64`
     # incremental plans: the rows of all the data each record stands for in the delta set (new,
     # watched and twin rows 1; a baseline row |old rows it was sampled from| / |baseline|; rows
-    # outside the delta 0): they add up to the number of records (:func:`weighted`)
+    # outside the delta 0): they add up to the number of records whenever a baseline is sampled
+    # (``min_baseline: 0`` with no new rows or ``baseline_factor: 0`` samples none) (:func:`weighted`)
     weights: np.ndarray | None = None
 
 
