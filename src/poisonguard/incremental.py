@@ -25,9 +25,9 @@ is sampled at all: ``min_baseline: 0`` with ``baseline_factor: 0`` samples none)
 stated as a share of all rows (``response_cluster``: a pasted word is in at most 3% of the prompts,
 a phrase in at most 2% of the responses) is tested on the weighted counts: the twins, picked
 because a new row repeats their prompt, would otherwise shift the delta's mix of tasks, and which
-old rows were picked decided whether a code task's wording looked "rare" (three in four sample
-orders quarantined its answer opener as an injected phrase: 0.28-0.36% false positives instead
-of 0.145%).
+old rows were picked decided whether a code task's wording looked "rare" (on the 1M-row bench,
+two other sample orders quarantined its answer opener as an injected phrase: 0.285% and 0.292%
+false positives instead of 0.145%; with the weights, seven orders gave 0.145-0.146%).
 
 Old rows outside the delta set keep their ledger decision; an old row inside it takes the more
 severe of the ledger's and tonight's decision only when the finding that flags it tonight

@@ -330,18 +330,15 @@ def _shared_prompt_words(F: _Features, rows: np.ndarray, answer: np.ndarray, max
     # instruction words ("sort", "ascending", "function ... that") are shared by many other rows.
     # (At 100k demo rows, a 10% cap let "that" of the code tasks through and 2.7% of clean rows
     # were quarantined as an "injected phrase".)
+    # on a sample (an incremental night's delta set) the shares are of the whole data, from the rows'
+    # weights (its prompt twins would otherwise make a task's words look rare); else plain counts
     sel = cnt >= 0.8 * k
     if F.sampled:
-        # a sample (an incremental night's delta set): the shares are of the whole data, from the
-        # rows' weights (its prompt twins would otherwise make a task's words look rare)
-        seg = np.repeat(np.arange(k), nt)
-        w_cnt = np.bincount(np.searchsorted(vals, tok[_ranges(ptr[rows], nt)]),
-                            weights=F.tb.weight[rows][seg].astype(np.float64), minlength=len(vals))
-        df = np.zeros(len(vals))
-        df[sel] = F.weighted_df(F.U, vals[sel])
-        sel &= (df <= 0.03 * F.resp_weight()) & (10 * w_cnt >= df)
-    else:
-        sel &= (F.U.df[vals] <= 0.03 * F.n_resp) & (10 * cnt >= F.U.df[vals])
+        cnt = np.bincount(np.searchsorted(vals, tok[_ranges(ptr[rows], nt)]),
+                          weights=np.repeat(F.tb.weight[rows].astype(np.float64), nt), minlength=len(vals))
+    df = np.zeros(len(vals))
+    df[sel] = F.weighted_df(F.U, vals[sel])
+    sel &= (df <= 0.03 * F.resp_weight()) & (10 * cnt >= df)
     ids = F.U.keys[vals[sel]].astype(np.uint64)
     if len(ids) == 0:
         return empty, empty, empty
