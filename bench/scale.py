@@ -27,11 +27,19 @@ Runs, each in its own subprocess (so its peak memory is its own):
 
 Memory: ``peak_rss_mb`` is the largest resident set size of any one process of the run (the
 driver or one Dask worker; ``peak_driver_mb`` the driver's), sampled every 50 ms with psutil; ``peak_total_mb`` the largest sum
-over the process tree. A run whose one process goes above ``--max-rss-gb`` is stopped and
-reported as such (this protects the machine: a 24 GB box cannot swap its way through 5M rows).
+over the process tree. ``peak_anon_mb`` (Dask runs) is the largest anonymous resident memory of one
+process (RSS less its file-backed pages): with ``sanitize.spill_dir`` (``--spill-dir``, on by default
+here) the trigger/response merge keeps its token tables and large arrays in memory-mapped files,
+whose pages count in RSS while resident but are clean page cache the kernel drops under pressure.
+A run whose one process goes above ``--max-rss-gb`` is stopped and reported as such (this protects
+the machine: a 24 GB box cannot swap its way through 5M rows).
+
+``--cgroup-gb 4`` (Linux, root) runs every process of a Dask run in its own cgroup-v1 memory group
+of 4 GB: with no swap, a process that needs more memory than the kernel can reclaim (file pages)
+is killed and the run fails, so a run that finishes fits in 4 GB per process.
 
     python bench/scale.py [--sizes 1000000,5000000] [--modes single,dask,increment,dask-increment]
-                          [--workdir DIR]
+                          [--workdir DIR] [--spill-dir DIR] [--cgroup-gb GB]
 
 The last line printed is one JSON object with every figure.
 """
@@ -59,6 +67,64 @@ MODES = ("single", "dask", "increment", "dask-increment")
 
 # ---------------------------------------------------------------- memory
 
+_CGROUP_GB = 0.0     # --cgroup-gb: every process of a run in its own memory cgroup of this size
+
+
+class _Cgroups:
+    """Put each process (the driver, Dask's nannies and workers) into its own cgroup-v1 memory
+    group capped at ``gb`` (no swap here, so a process whose memory the kernel cannot reclaim
+    beyond the cap is killed: the run then fails). Linux as root only."""
+
+    ROOT = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, gb: float) -> None:
+        self.limit = int(gb * 2**30)
+        self.made: dict[int, Path] = {}
+        self.home: str | None = None
+        if self.limit:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+            self.home = next((ln.split(":", 2)[2].strip() for ln in lines if ln.split(":")[1] == "memory"), "/")
+
+    def place(self, pid: int) -> None:
+        if not self.limit or pid in self.made:
+            return
+        d = self.ROOT / f"poisonguard-bench-{os.getpid()}-{pid}"
+        d.mkdir(exist_ok=True)     # fails loudly without cgroup-v1 memory rights (--cgroup-gb needs them)
+        (d / "memory.limit_in_bytes").write_text(str(self.limit))
+        try:    # the memory the process already has moves into the group with it
+            (d / "memory.move_charge_at_immigrate").write_text("3")
+        except OSError:
+            pass
+        try:
+            (d / "cgroup.procs").write_text(str(pid))
+        except OSError:            # the process has ended meanwhile
+            d.rmdir()
+            return
+        self.made[pid] = d
+
+    def failcnts(self) -> dict[int, int]:
+        """How often each process hit its cap (the kernel reclaimed pages to stay under it)."""
+        out = {}
+        for pid, d in self.made.items():
+            try:
+                out[pid] = int((d / "memory.failcnt").read_text())
+            except OSError:
+                pass
+        return out
+
+    def close(self) -> None:
+        """This process back into the group it came from; the groups of ended processes removed."""
+        home = self.home or "/"
+        if os.getpid() in self.made:
+            (self.ROOT / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+        for d in self.made.values():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        self.made = {}
+
+
 class TreeRSS:
     """Sample the RSS of this process and all its descendants every ``interval`` seconds;
     stop the process (exit 3) when one process exceeds ``limit`` bytes."""
@@ -74,10 +140,13 @@ class TreeRSS:
         self.peak_total = 0
         self.peak_driver = 0
         self.peaks: dict[int, int] = {}     # pid -> peak RSS (the driver, Dask's nannies and workers)
+        self.peak_anon = 0                  # the largest anonymous (not file-backed) resident memory of one process
+        self.anon_peaks: dict[int, int] = {}
         self.t0 = time.perf_counter()
         self.stage = ""         # what the run is doing (its progress callback sets it)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
+        self.cgroups = _Cgroups(_CGROUP_GB)
 
     def sample(self) -> None:
         procs = [self._proc]
@@ -88,8 +157,14 @@ class TreeRSS:
         rss = []
         for p in procs:
             try:
-                rss.append(p.memory_info().rss)
+                self.cgroups.place(p.pid)
+                mi = p.memory_info()
+                rss.append(mi.rss)
                 self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss[-1])
+                # Linux: ``shared`` is the resident file-backed and shared memory (RssFile + RssShmem)
+                anon = mi.rss - getattr(mi, "shared", 0)
+                self.peak_anon = max(self.peak_anon, anon)
+                self.anon_peaks[p.pid] = max(self.anon_peaks.get(p.pid, 0), anon)
             except self._psutil.Error:
                 pass
         if rss:
@@ -115,8 +190,8 @@ class TreeRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> TreeRSS:
-        self.peak_one = self.peak_total = self.peak_driver = 0
-        self.peaks = {}
+        self.peak_one = self.peak_total = self.peak_driver = self.peak_anon = 0
+        self.peaks, self.anon_peaks = {}, {}
         self.t0 = time.perf_counter()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._stop.clear()
@@ -127,6 +202,8 @@ class TreeRSS:
         self._stop.set()
         self._t.join()
         self.sample()
+        self.cap_hits = sum(self.cgroups.failcnts().values())
+        self.cgroups.close()
 
 
 # ---------------------------------------------------------------- data
@@ -202,10 +279,13 @@ def _score(res, records, y) -> dict[str, float]:
 
 # ---------------------------------------------------------------- workers
 
+_SPILL_DIR: str | None = None    # --spill-dir (the sharded runs' out-of-core folder)
+
+
 def _cfg():
     from poisonguard.config import SanitizeConfig
 
-    return SanitizeConfig(llm_review={"enabled": False})
+    return SanitizeConfig(llm_review={"enabled": False}, spill_dir=_SPILL_DIR)
 
 
 def run_single(data: Path, truth: Path, limit: float) -> dict[str, Any]:
@@ -316,8 +396,13 @@ def _outcome(out_dir: Path, bad: set[str]) -> dict[str, Any]:
 
 
 def _mem(mem: TreeRSS) -> dict[str, Any]:
-    return {"peak_rss_mb": mem.peak_one >> 20, "peak_driver_mb": mem.peak_driver >> 20, "peaks_mb": mem.top(),
-            "peak_total_mb": mem.peak_total >> 20}
+    out = {"peak_rss_mb": mem.peak_one >> 20, "peak_anon_mb": mem.peak_anon >> 20,
+           "peak_driver_mb": mem.peak_driver >> 20, "peaks_mb": mem.top(), "peak_total_mb": mem.peak_total >> 20,
+           "anon_peaks_mb": sorted((v >> 20 for v in mem.anon_peaks.values()), reverse=True)[:4]}
+    if _CGROUP_GB:
+        # every process ran in its own memory cgroup of this size; cap_hits: times one reached it
+        out.update(cgroup_gb_per_process=_CGROUP_GB, cgroup_cap_hits=getattr(mem, "cap_hits", 0))
+    return out
 
 
 def run_dask(data: Path, truth: Path, limit: float, shards: int, workers: int, workdir: Path) -> dict[str, Any]:
@@ -514,11 +599,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rss-gb", type=float, default=18.0, help="stop a run when one process exceeds this")
     ap.add_argument("--timeout", type=float, default=5400.0)
     ap.add_argument("--workdir", default="/tmp/poisonguard-scale")
+    ap.add_argument("--spill-dir", default=None,
+                    help="sanitize.spill_dir of the Dask runs (default <workdir>/spill; '' = in memory)")
+    ap.add_argument("--cgroup-gb", type=float, default=0.0,
+                    help="run every process of a Dask run in its own memory cgroup of this many GB "
+                         "(Linux, root, cgroup v1; no swap: a process that needs more is killed)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     workdir = Path(a.workdir)
     limit = a.max_rss_gb * 2**30
+    global _SPILL_DIR, _CGROUP_GB
+    _SPILL_DIR = str(workdir / "spill") if a.spill_dir is None else (a.spill_dir or None)
+    _CGROUP_GB = a.cgroup_gb if a.worker in ("dask", "dask-increment") else 0.0
     if a.worker:
         if a.worker in ("increment", "dask-increment"):
             data, truth = make_data(workdir, a.n, a.poison)
@@ -544,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"cpus: {os.cpu_count()}  load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     results: list[dict[str, Any]] = []
-    common = ["--poison", str(a.poison), "--workdir", str(workdir), "--max-rss-gb", str(a.max_rss_gb)]
+    common = ["--poison", str(a.poison), "--workdir", str(workdir), "--max-rss-gb", str(a.max_rss_gb),
+              "--spill-dir", _SPILL_DIR or "", "--cgroup-gb", str(a.cgroup_gb)]
     for n in sizes if {"single", "dask"} & set(modes) else []:
         t0 = time.perf_counter()
         data, _ = make_data(workdir, n, a.poison)
@@ -562,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:9s} {n:>9d} rows  {r['seconds']:8.1f} s  {r['rows_per_s']:>6d} rows/s  peak/process "
                       f"{r['peak_rss_mb']:>6d} MB  total {r['peak_total_mb']:>6d} MB  recall {r['recall']:.3f}  "
                       f"FPR {100 * r['fpr']:.4f}%  {r['status']}"
-                      + (f"  (driver {r['peak_driver_mb']} MB)" if "peak_driver_mb" in r else ""), flush=True)
+                      + (f"  (driver {r['peak_driver_mb']} MB)" if "peak_driver_mb" in r else "")
+                      + (f"  anonymous/process {r['peak_anon_mb']} MB" if "peak_anon_mb" in r else ""), flush=True)
             else:
                 print(f"{mode:9s} {n:>9d} rows  {r['status']}  (peak/process {r.get('peak_rss_mb', '-')} MB, driver "
                       f"{r.get('peak_driver_mb', '-')} MB, during {r.get('stage') or '-'})",

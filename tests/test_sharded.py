@@ -87,9 +87,10 @@ def test_combine_puts_rows_in_input_order_and_names_a_missing_row():
         sharded.combine(pd.Index(["r1", "r2", "r3"], name=S.ID), shards)
 
 
-def test_dask_local_cluster_gives_the_same_result(frame):
+def test_dask_local_cluster_gives_the_same_result(frame, tmp_path):
     """Summaries stay on the workers as futures and every detector group merges in its own task
-    (the detectors sharing the token table together), as the distributed flow runs it."""
+    (the detectors sharing the token table together), as the distributed flow runs it; with a spill
+    folder the token tables go from the summarising workers to the merging one as files."""
     distributed = pytest.importorskip("distributed")
     recs, _ = frame
     groups = sharded.groups(CFG)
@@ -110,8 +111,14 @@ def test_dask_local_cluster_gives_the_same_result(frame):
             return client.submit(sharded.collect_stats, parts, pure=False)
 
         res = sharded.sanitize_sharded(recs, CFG, n_shards=4, map_=dmap, merge_=dmerge)
-    assert merged == groups
-    _same(res, san.sanitize(recs, CFG))
+        assert merged == groups
+        spill = tmp_path / "spill"
+        spilled = sharded.sanitize_sharded(recs, CFG.model_copy(update={"spill_dir": str(spill)}), n_shards=4,
+                                           map_=dmap, merge_=dmerge)
+    single = san.sanitize(recs, CFG)
+    _same(res, single)
+    _same(spilled, single)
+    assert spill.is_dir() and not any(spill.iterdir())
 
 
 def test_ingest_writes_shards_and_the_workers_read_them(frame, tmp_path):
@@ -493,3 +500,32 @@ def test_streamed_nights_run_the_llm_review_as_the_in_memory_nights(frame, tmp_p
     assert got["incremental"]["mode"] == "incremental" and got["incremental"] == want["incremental"]
     assert ing2 / paths.RECORDS_FILE not in loaded, "the incremental night loaded the records whole"
     same("n2_s", "n2_m", rep_s, rep_m)
+
+
+def test_out_of_core_merge_gives_the_same_result(frame, tmp_path, monkeypatch):
+    """With a spill folder the token tables travel as files and the merge's large arrays live in
+    memory-mapped files (here every array, and the blockwise passes go in blocks of 1,000 values):
+    the decisions, scores and findings are exactly the in-memory run's, and the run's folder goes."""
+    from poisonguard import textfeat as tf
+
+    recs, truth = frame
+    base = sharded.sanitize_sharded(recs, CFG, n_shards=3)
+    mapped, loads = [], []
+    real_mapped, real_load = tf._mapped, tf.SavedTable.load
+    def spy_mapped(n):
+        m = real_mapped(n)
+        mapped.append(m is not None)
+        return m
+
+    monkeypatch.setattr(tf, "_mapped", spy_mapped)
+    monkeypatch.setattr(tf.SavedTable, "load", lambda self: loads.append(self.n) or real_load(self))
+    monkeypatch.setattr(tf, "SPILL_MIN_BYTES", 1)
+    monkeypatch.setattr(tf, "QUERY_BLOCK", 1000)
+    spill = tmp_path / "spill"
+    out = sharded.sanitize_sharded(recs, CFG.model_copy(update={"spill_dir": str(spill)}), n_shards=3)
+    _same(out, base)
+    assert np.array_equal(out.decisions[S.SCORE].to_numpy(), base.decisions[S.SCORE].to_numpy())
+    assert truth <= set(out.quarantine[S.ID])
+    assert sorted(loads) == sorted(len(p) for p in sharded.split(recs, 3)), "each shard's table went by file"
+    assert sum(mapped) > 20, "the merge's arrays were mapped"
+    assert spill.is_dir() and not any(spill.iterdir()), "the run's spill folder is removed"

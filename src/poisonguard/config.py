@@ -79,6 +79,16 @@ class SanitizeConfig(_Frozen):
     #: standing decisions by people and incidents (poisonguard.overrides); missing file = none
     overrides: str | None = "overrides.jsonl"
     llm_review: ReviewConfig = Field(default_factory=ReviewConfig)
+    #: out of core: sharded and streamed runs keep the token tables the trigger / response detectors
+    #: summarise to, and the large arrays of their merge, in memory-mapped files under this folder
+    #: (a folder per run, removed at its end); every worker must see it at the same path (a shared
+    #: volume on a cluster of several machines). None: in memory. Decisions are the same either way.
+    spill_dir: str | None = None
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _no_empty_folder(cls, v: str | None) -> str | None:
+        return v or None      # "" (an unset variable substituted into the file): in memory
 
     @field_validator("detectors")
     @classmethod

@@ -13,6 +13,14 @@ and each group's summaries merge in their own step, so on a cluster no process h
 detector's summaries of every shard (at 1M rows the one merge step of all detectors peaked at
 11.9 GB), and the groups' merges run on several workers at once.
 
+Out of core (``sanitize.spill_dir``): the token table a shard summarises to for the trigger and
+response detectors is written to files under a folder of the run (:func:`spill_run`), so the
+merging process receives a few bytes per shard and maps the tables; the merge then keeps the
+joined table and its large arrays in memory-mapped files (:func:`poisonguard.textfeat.spilling`).
+Its memory is then mostly clean file pages that the kernel drops under pressure instead of heap
+that must stay resident (at 5M rows the group's merge held ~9.5 GB of heap before). The
+statistics, and so every decision, are the same bit for bit (``tests/test_sharded.py``).
+
 The per-shard steps are plain functions of picklable arguments, so any parallel map runs them:
 the built-in ``map``, a Dask client, or Prefect's ``task.map`` on a Dask task runner
 (``flows/sanitize_sharded.py``). The combined result equals :func:`poisonguard.sanitize.sanitize`
@@ -24,9 +32,12 @@ Delivery" vs "special delivery") when a cluster's rows are spread over several s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +47,11 @@ import pandas as pd
 
 from poisonguard import io
 from poisonguard import schema as S
+from poisonguard import textfeat as tf
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
 from poisonguard.detectors.base import DetectorResult, Finding
-from poisonguard.textfeat import RowTable
+from poisonguard.textfeat import RowTable, SavedSummary, SavedTable
 
 Summaries = dict[str, Any]
 Stats = dict[str, Any]
@@ -196,7 +208,19 @@ def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
                if names is None or name in names}
     finally:
         release_caches()
-    return ShardSummaries(_share_tables(out))
+    out = _share_tables(out)
+    if cfg.spill_dir:
+        # out of core: the token table goes to files the merge maps (at 5M rows the 16 shards'
+        # tables are ~3 GB that one merging process would otherwise receive at once), any other
+        # summary to a pickle the merge reads (a worker holds handles, not the summaries of the
+        # groups it has not merged yet)
+        saved: dict[int, SavedTable | SavedSummary] = {}
+        for name, summary in out.items():
+            if id(summary) not in saved:
+                saved[id(summary)] = summary.save(cfg.spill_dir) if isinstance(summary, RowTable) else \
+                    SavedSummary.save(summary, cfg.spill_dir)
+            out[name] = saved[id(summary)]
+    return ShardSummaries(out)
 
 
 class ShardSummaries(dict):
@@ -228,14 +252,38 @@ def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stat
     from poisonguard.sanitize import release_caches
 
     present = set(summaries[0]) if summaries else set(cfg.detectors)
+    # summaries a summary step saved to the spill folder: token tables mapped, others read back,
+    # once per file (a shard's detectors sharing one table share one handle)
+    saved = {v.path: v for s in summaries for v in s.values() if isinstance(v, (SavedTable, SavedSummary))}
+    loaded = {path: ref.load() for path, ref in saved.items()}
     # whatever carried them here (a transport that copies value by value), a shard's detectors
     # sharing one token table read one object again
-    summaries = [_share_tables(dict(s)) for s in summaries]
+    summaries = [_share_tables({k: loaded[v.path] if isinstance(v, (SavedTable, SavedSummary)) else v
+                                for k, v in s.items()}) for s in summaries]
+    del loaded
     try:
-        return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()
-                if name in present}
+        # the saved summaries stay until the run's folder goes (spill_run): a merge that a cluster
+        # runs again (its worker died before its result was used) reads them again
+        with tf.spilling(cfg.spill_dir or None):
+            return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()
+                    if name in present}
     finally:
         release_caches()
+
+
+@contextlib.contextmanager
+def spill_run(cfg: SanitizeConfig) -> Iterator[SanitizeConfig]:
+    """``cfg`` with its ``spill_dir`` pointing at a new folder for this run, removed when the run
+    ends however it ends (``cfg`` itself when there is no spill folder)."""
+    if not cfg.spill_dir:
+        yield cfg
+        return
+    run_dir = Path(cfg.spill_dir) / f"run-{uuid.uuid4().hex[:12]}"
+    run_dir.mkdir(parents=True)
+    try:
+        yield cfg.model_copy(update={"spill_dir": str(run_dir)})
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def merge_groups(by_group: Sequence[Sequence[Summaries]], cfg: SanitizeConfig) -> Stats:
@@ -347,12 +395,13 @@ def sanitize_sharded(records: pd.DataFrame, cfg: SanitizeConfig, n_shards: int =
     if place_ is not None:
         shards = list(place_(shards))
     k = len(shards)
-    summaries = [list(map_(summarize_shard, shards, [cfg] * k, [g] * k)) for g in groups(cfg)]
-    stats = merge_(summaries, cfg)
-    del summaries           # a cluster may drop each group's summaries once its merge is done
-    if progress:
-        progress("score")
-    parts = list(map_(score_shard, shards, [stats] * len(shards), [cfg] * len(shards)))
+    with spill_run(cfg) as run_cfg:
+        summaries = [list(map_(summarize_shard, shards, [run_cfg] * k, [g] * k)) for g in groups(cfg)]
+        stats = merge_(summaries, run_cfg)
+        del summaries           # a cluster may drop each group's summaries once its merge is done
+        if progress:
+            progress("score")
+        parts = list(map_(score_shard, shards, [stats] * len(shards), [cfg] * len(shards)))
     ids = pd.Index(records[S.ID], name=S.ID)
     results = combine(ids, parts)
     seconds = {"sharded_total": round(time.perf_counter() - t0, 3)}
@@ -521,13 +570,14 @@ def sanitize_streamed(shard_files: Sequence[Path | str], cfg: SanitizeConfig, ma
     k = len(shards)
     if progress:
         progress("summarize")
-    summaries = [list(map_(summarize_shard, shards, [cfg] * k, [g] * k)) for g in groups(cfg)]
-    stats = merge_(summaries, cfg)
-    del summaries
-    if progress:
-        progress("score")
-    outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k, [review] * k))
-    del stats
+    with spill_run(cfg) as run_cfg:
+        summaries = [list(map_(summarize_shard, shards, [run_cfg] * k, [g] * k)) for g in groups(cfg)]
+        stats = merge_(summaries, run_cfg)
+        del summaries
+        if progress:
+            progress("score")
+        outcomes: list[ShardOutcome] = list(map_(score_fuse_shard, shards, [stats] * k, [cfg] * k, [review] * k))
+        del stats
     n_rows = sum(o.n for o in outcomes)
     keys = np.unique(np.concatenate([o.keys for o in outcomes]))
     if len(keys) != n_rows:

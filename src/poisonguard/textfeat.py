@@ -39,10 +39,21 @@ value sort (:func:`group_incidences`): document frequencies, row lists and membe
 Helpers: :func:`value_counts`, :func:`lookup`, :func:`isin_sorted` (sorted, cache-friendly
 searches), :func:`unique_index` / :func:`sort_index` (value sorts with packed positions, far
 faster than ``argsort``), :func:`extend_span` (grow a shared token span across texts).
+
+Out of core
+-----------
+Inside :func:`spilling` (a merge step over millions of rows) the large arrays that the table and
+the grouped incidences keep live in memory-mapped files (:func:`offload`, :func:`scratch`):
+clean file pages the kernel writes back and drops under memory pressure, where the same arrays
+in the heap must stay resident. Values and results are the same either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -438,7 +449,7 @@ def _search(sorted_values: np.ndarray, keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=sorted_values.dtype)
     if len(keys) < 4096 or len(sorted_values) < 65536 or sorted_values.dtype != np.uint64:
         return np.searchsorted(sorted_values, keys)
-    out = np.empty(len(keys), dtype=np.int64)
+    out = scratch(len(keys), np.int64)
     for lo in range(0, len(keys), QUERY_BLOCK):   # the sort's copies ~24 bytes per key: a block at a time
         blk = keys[lo:lo + QUERY_BLOCK]
         order = sort_index(blk)
@@ -535,6 +546,20 @@ def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     tot = int(lens.sum())
     if tot == 0:
         return np.zeros(0, dtype=np.int64)
+    if tot > QUERY_BLOCK:   # a block of ranges at a time into one array (three full-size temporaries)
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.cumsum(lens)
+        out = scratch(tot, np.int64)
+        i0 = 0
+        while i0 < len(lens):
+            o0 = int(ends[i0 - 1]) if i0 else 0
+            i1 = max(i0 + 1, int(np.searchsorted(ends, o0 + QUERY_BLOCK, side="right")))
+            o1 = int(ends[i1 - 1])
+            # one range longer than a block is a block of its own (not split again)
+            out[o0:o1] = np.arange(starts[i0], starts[i0] + lens[i0], dtype=np.int64) if i1 == i0 + 1 else \
+                ranges(starts[i0:i1], lens[i0:i1])
+            i0 = i1
+        return out
     return np.repeat(np.asarray(starts, dtype=np.int64), lens) + (
         np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
 
@@ -612,6 +637,139 @@ def trim_heap() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
+
+
+# ---------------------------------------------------------------- out-of-core arrays
+
+_SPILL = threading.local()      # .dir: where this thread's merge keeps its large arrays (None: memory)
+SPILL_MIN_BYTES = 48 << 20      # smaller arrays (the blocks of the blockwise passes) stay in memory
+
+
+@contextlib.contextmanager
+def spilling(directory: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Within the block (in this thread), :func:`offload` and :func:`scratch` put arrays of at least
+    :data:`SPILL_MIN_BYTES` in memory-mapped files under ``directory`` (created if missing; ``None``:
+    in memory, as outside). The files are unlinked as soon as they are mapped: nothing is left on
+    disk once the arrays are freed, whatever happens to the process."""
+    prev = getattr(_SPILL, "dir", None)
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        trim_heap()              # what came before (the summaries' arrival) left in the heap
+        _fixed_mmap_threshold()
+    _SPILL.dir = None if directory is None else os.fspath(directory)
+    try:
+        yield
+    finally:
+        _SPILL.dir = prev
+
+
+_MMAP_FIXED = False
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """Allocations of ``nbytes`` and more get their own mapping, returned to the OS when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``, set once and kept for the life of the process, so later
+    tasks of a long-lived worker pay a mapping per large allocation too; a no-op elsewhere). glibc's default
+    threshold follows the largest block freed (up to 32 MB), after which the blocks of the blockwise
+    passes come from the heap and stay resident when freed: a merge over 1M rows carried ~400 MB of
+    idle heap that way."""
+    global _MMAP_FIXED
+    if _MMAP_FIXED:
+        return
+    _MMAP_FIXED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def spill_dir() -> str | None:
+    """The directory :func:`spilling` set for this thread (None: arrays stay in memory)."""
+    return getattr(_SPILL, "dir", None)
+
+
+def _mapped(nbytes: int) -> mmap.mmap | None:
+    d = spill_dir()
+    if d is None or nbytes < max(SPILL_MIN_BYTES, 1):
+        return None
+    fd, path = tempfile.mkstemp(prefix="poisonguard-", suffix=".spill", dir=d)
+    try:
+        os.unlink(path)
+        # the blocks reserved now: a full disk is an OSError here, not a SIGBUS when a page is written
+        os.posix_fallocate(fd, 0, nbytes)
+        return mmap.mmap(fd, nbytes)     # shared: pages are written back to the (unlinked) file
+    finally:
+        os.close(fd)
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Does ``a`` live in a memory-mapped file (:func:`offload`, :func:`scratch`, a mapped ``.npy``)?"""
+    b: Any = a
+    while isinstance(b, np.ndarray):
+        b = b.base
+    if isinstance(b, memoryview):
+        b = b.obj
+    return isinstance(b, mmap.mmap)
+
+
+def scratch(n: int, dtype: Any) -> np.ndarray:
+    """A writable array of ``n`` items (contents undefined, as :func:`numpy.empty`): in a
+    memory-mapped file inside :func:`spilling` when large, else in memory."""
+    dtype = np.dtype(dtype)
+    mm = _mapped(int(n) * dtype.itemsize)
+    return np.empty(n, dtype=dtype) if mm is None else np.frombuffer(mm, dtype=dtype, count=int(n))
+
+
+def offload(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or inside :func:`spilling` (when large) a read-only copy in a memory-mapped
+    file: the caller drops its reference to ``a`` to free the memory."""
+    a = np.asarray(a)
+    mm = _mapped(a.nbytes)
+    if mm is None:
+        return a
+    out = np.frombuffer(mm, dtype=a.dtype, count=a.size).reshape(a.shape)
+    out[...] = a
+    out.flags.writeable = False
+    return out
+
+
+def take(a: np.ndarray, idx: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """``a[idx]`` for 1-d arrays, gathered a block at a time into :func:`scratch`."""
+    out = scratch(len(idx), a.dtype)
+    for lo in range(0, len(idx), block):
+        np.take(a, idx[lo:lo + block], out=out[lo:lo + block])
+    return out
+
+
+def repeat(values: np.ndarray, counts: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``np.repeat(values, counts)`` (as ``dtype``), written a block of values at a time into
+    :func:`scratch`."""
+    values = np.asarray(values)
+    counts = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(counts)
+    tot = int(ends[-1]) if len(ends) else 0
+    out = scratch(tot, values.dtype if dtype is None else dtype)
+    i0 = 0
+    while i0 < len(counts):
+        o0 = int(ends[i0 - 1]) if i0 else 0
+        i1 = max(i0 + 1, int(np.searchsorted(ends, o0 + QUERY_BLOCK, side="right")))
+        out[o0:int(ends[i1 - 1])] = np.repeat(values[i0:i1], counts[i0:i1])
+        i0 = i1
+    return out
+
+
+def compress(a: np.ndarray, keep: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """``a[keep]`` for a 1-d array and boolean mask, written a block at a time into
+    :func:`scratch` (inside :func:`spilling` no full-size copy passes through memory)."""
+    out = scratch(int(np.count_nonzero(keep)), a.dtype)
+    w = 0
+    for lo in range(0, len(a), block):
+        part = a[lo:lo + block][keep[lo:lo + block]]
+        out[w:w + len(part)] = part
+        w += len(part)
+    return out
 
 
 def release_cached() -> None:
@@ -780,12 +938,10 @@ class RowTable:
             if name in _VOCAB:
                 pass
             elif name in _CSR:
-                cols[name] = gather[name][0]
+                cols[name] = offload(gather[name][0])
             else:
-                joined = np.concatenate([getattr(t, name) for t in parts])
                 take = gather[tok_of[name]][1] if name in tok_of else order
-                cols[name] = joined if take is None else joined[take]
-                del joined
+                cols[name] = _joined([getattr(t, name) for t in parts], take)
             if consume:
                 for t in parts:
                     setattr(t, name, None)
@@ -923,7 +1079,12 @@ class RowTable:
         hashes = np.asarray(hashes, dtype=np.uint64)
         if len(hashes) == 0:
             return np.zeros(0, dtype=np.uint64)
-        return self.vocab_stem[self._vocab_pos(hashes)]
+        if len(hashes) <= QUERY_BLOCK:
+            return self.vocab_stem[self._vocab_pos(hashes)]
+        out = scratch(len(hashes), np.uint64)   # a block at a time: the positions cost 8 bytes per token
+        for lo in range(0, len(hashes), QUERY_BLOCK):
+            out[lo:lo + QUERY_BLOCK] = self.vocab_stem[self._vocab_pos(hashes[lo:lo + QUERY_BLOCK])]
+        return out
 
     def token_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(distinct token hashes of the prompts and responses ascending, occurrences of each),
@@ -955,12 +1116,89 @@ class RowTable:
         state.pop("_vocab_index", None)   # rebuilt on first use
         return state
 
+    def save(self, directory: str | os.PathLike[str]) -> SavedTable:
+        """Write the table's arrays to a new folder under ``directory`` (one ``.npy`` file per
+        field) and return a handle that :meth:`SavedTable.load` maps back without reading it."""
+        import uuid
+        from pathlib import Path
+
+        d = Path(directory) / f"table-{uuid.uuid4().hex}"
+        d.mkdir()      # not the parents: a run's folder removed at its end is not made again
+        for f in fields(self):
+            np.save(d / f"{f.name}.npy", getattr(self, f.name))
+        return SavedTable(str(d), self.__dict__.get("_limits"), self.n)
+
     def prompt_rows(self) -> np.ndarray:
         """Row number of every prompt token."""
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.p_indptr))
 
     def response_rows(self) -> np.ndarray:
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.r_indptr))
+
+
+@dataclass(frozen=True)
+class SavedTable:
+    """A :class:`RowTable` written by :meth:`RowTable.save`: a few bytes to pickle and send to the
+    process that merges it, which maps the files (:meth:`load`) instead of receiving the arrays."""
+
+    path: str
+    limits: tuple[int, int] | None
+    n: int
+
+    def load(self) -> RowTable:
+        """The table, its arrays memory-mapped read-only from the files."""
+        from pathlib import Path
+
+        cols = {}
+        for f in fields(RowTable):
+            file = Path(self.path) / f"{f.name}.npy"
+            if not file.is_file():
+                raise FileNotFoundError(f"token table {self.path}: {file.name} is missing (was the spill folder "
+                                        "cleared, or is it not shared with this worker?)")
+            a = np.load(file, mmap_mode="r")
+            cols[f.name] = np.asarray(a) if a.size else np.array(a)
+        table = RowTable(**cols)
+        if self.limits is not None:
+            table.__dict__["_limits"] = tuple(self.limits)
+        return table
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SavedSummary:
+    """Any other detector summary pickled to a file (``sanitize.spill_dir``): the worker that made
+    it keeps this handle, not the summary, until the group's merge reads it back."""
+
+    path: str
+
+    @classmethod
+    def save(cls, summary: Any, directory: str | os.PathLike[str]) -> SavedSummary:
+        import pickle
+        import uuid
+        from pathlib import Path
+
+        path = Path(directory) / f"summary-{uuid.uuid4().hex}.pkl"
+        with open(path, "wb") as fh:
+            pickle.dump(summary, fh, protocol=5)
+        return cls(str(path))
+
+    def load(self) -> Any:
+        import pickle
+
+        try:
+            with open(self.path, "rb") as fh:
+                return pickle.load(fh)   # noqa: S301 - a file this run wrote into its own spill folder
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"detector summary {self.path} is missing (was the spill folder cleared, or "
+                                    "is it not shared with this worker?)") from e
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 def sample_weights(records: pd.DataFrame) -> np.ndarray:
@@ -989,6 +1227,23 @@ def _vocabulary(hashes: Sequence[np.ndarray], stems: Sequence[np.ndarray]) -> tu
     return np.asarray(uniq, dtype=np.uint64), st
 
 
+def _joined(parts: Sequence[np.ndarray], take: np.ndarray | None, block: int = 1 << 22) -> np.ndarray:
+    """``np.concatenate(parts)[take]`` (``take`` None: all), gathered a block at a time into
+    :func:`scratch` arrays (inside :func:`spilling` the joined column and its gathered copy are
+    mapped files, not two more copies of a token column in memory)."""
+    dtype = np.result_type(*parts) if parts else np.dtype(np.uint64)
+    joined = scratch(sum(len(p) for p in parts), dtype)
+    np.concatenate(parts, out=joined)
+    if take is not None:
+        out = scratch(len(take), dtype)
+        for lo in range(0, len(take), block):
+            np.take(joined, take[lo:lo + block], out=out[lo:lo + block])
+        joined = out
+    if spill_dir() is not None:
+        joined.flags.writeable = False
+    return joined
+
+
 def _csr_gather(lens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """CSR rows of lengths ``lens`` taken in ``order``: (new indptr, index of every new token in
     the old token arrays; None when ``order`` is None)."""
@@ -999,10 +1254,17 @@ def _csr_gather(lens: np.ndarray, order: np.ndarray | None) -> tuple[np.ndarray,
         return indptr, None
     starts = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=starts[1:])
-    # for each new row, its old token range (in place: one token-length array at a time)
-    idx = np.arange(indptr[-1], dtype=np.int64)
-    idx -= np.repeat(indptr[:-1], new_lens)
-    idx += np.repeat(starts[:-1][order], new_lens)
+    # for each new row, its old token range, a block of rows at a time into one token-length array
+    # (a mapped file inside spilling(); the whole-array version held three at once)
+    idx = scratch(int(indptr[-1]), np.int64)
+    src = starts[:-1][order]
+    for lo in range(0, len(new_lens), 1 << 18):
+        hi = min(lo + (1 << 18), len(new_lens))
+        a, b = int(indptr[lo]), int(indptr[hi])
+        blk = np.arange(a, b, dtype=np.int64)
+        blk -= np.repeat(indptr[lo:hi], new_lens[lo:hi])
+        blk += np.repeat(src[lo:hi], new_lens[lo:hi])
+        idx[a:b] = blk
     return indptr, idx
 
 
@@ -1027,7 +1289,13 @@ class Grouped:
         """uint64 sorted distinct (feature, row) keys (see :func:`pack_keys`): 8 bytes per
         incidence, so built per call and not kept (at 1M rows the three kept ones cost 400 MB)."""
         b = np.uint64(self.bits)
-        return (np.repeat(self.keys, self.df) << b) | self.rows.astype(np.uint64)
+        out = scratch(len(self.rows), np.uint64)
+        for j0, j1 in self._feature_blocks():
+            a, c = int(self.ptr[j0]), int(self.ptr[j1])
+            blk = np.repeat(self.keys[j0:j1], np.diff(self.ptr[j0:j1 + 1])) << b
+            blk |= self.rows[a:c].astype(np.uint64)
+            out[a:c] = blk
+        return out
 
     def contains(self, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         """Does each row have the feature of the paired hash? Many queries go through a sorted
@@ -1097,6 +1365,38 @@ class Grouped:
     def rows_at(self, j: int) -> np.ndarray:
         return self.rows[self.ptr[j]:self.ptr[j + 1]]
 
+    def by_row(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The incidences row by row: (indptr over ``n_rows`` rows, feature index of every
+        incidence, rows ascending and features ascending inside a row: the order a stable argsort
+        of :attr:`rows` gives), placed a block of features at a time (a counting sort: no argsort
+        of every incidence, no 8-byte index per incidence)."""
+        ptr = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.rows, minlength=n_rows), out=ptr[1:])
+        fdt = np.int32 if len(self.keys) < 2**31 else np.int64
+        tok = scratch(len(self.rows), fdt)
+        fill = ptr[:-1].copy()      # next free slot of every row
+        for j0, j1 in self._feature_blocks():
+            a, c = int(self.ptr[j0]), int(self.ptr[j1])
+            r = self.rows[a:c].astype(np.int64)
+            o = np.argsort(r, kind="stable")
+            rs = r[o]
+            del r
+            start = np.flatnonzero(np.concatenate([[True], rs[1:] != rs[:-1]]))
+            run = np.diff(np.append(start, len(rs)))
+            pos = fill[rs] + (np.arange(len(rs), dtype=np.int64) - np.repeat(start, run))
+            tok[pos] = np.repeat(np.arange(j0, j1, dtype=fdt), np.diff(self.ptr[j0:j1 + 1]))[o]
+            fill[rs[start]] += run
+        return ptr, tok
+
+    def _feature_blocks(self) -> Iterator[tuple[int, int]]:
+        """(first, end) feature positions of consecutive blocks of about :data:`QUERY_BLOCK`
+        incidences (a feature with more is a block of its own)."""
+        j0, nk = 0, len(self.keys)
+        while j0 < nk:
+            j1 = min(max(j0 + 1, int(np.searchsorted(self.ptr, self.ptr[j0] + QUERY_BLOCK, side="right")) - 1), nk)
+            yield j0, j1
+            j0 = j1
+
     def feature_of_incidence(self) -> np.ndarray:
         """Feature index of every incidence (aligned with ``rows``)."""
         return np.repeat(np.arange(len(self.keys), dtype=np.int64), self.df)
@@ -1136,7 +1436,7 @@ def group_packed(packed: np.ndarray, bits: int, block: int = 1 << 22) -> Grouped
     packed = packed[:w]
     b = np.uint64(bits)
     mask = np.uint64((1 << bits) - 1)
-    rows = np.empty(w, dtype=_row_dtype(bits))
+    rows = scratch(w, _row_dtype(bits))    # kept: in a mapped file inside spilling()
     new = np.empty(w, dtype=bool)
     prev_f: np.uint64 | None = None
     for lo in range(0, w, block):
@@ -1148,7 +1448,9 @@ def group_packed(packed: np.ndarray, bits: int, block: int = 1 << 22) -> Grouped
         np.not_equal(f[1:], f[:-1], out=new[lo + 1:hi])
         prev_f = f[-1]
     starts = np.flatnonzero(new)
-    return Grouped(packed[starts] >> b, np.append(starts, w).astype(np.int64), rows, bits)
+    del new
+    rows.flags.writeable = False
+    return Grouped(offload(packed[starts] >> b), offload(np.append(starts, w).astype(np.int64)), rows, bits)
 
 
 def _row_dtype(bits: int) -> type:
@@ -1169,7 +1471,8 @@ def pack_sorted(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray
 def pack_keys(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray:
     """One uint64 per (row, hash): the hash's top ``64 - row_bits`` bits, then the row (a new array)."""
     b = np.uint64(row_bits(n_rows))
-    out = np.right_shift(np.asarray(hashes, dtype=np.uint64), b)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    out = np.right_shift(hashes, b, out=scratch(len(hashes), np.uint64))
     np.left_shift(out, b, out=out)
     rows = np.asarray(rows)
     # row numbers are >= 0: an int64 array is read as uint64 in place (no 8-byte-per-key copy)
@@ -1190,7 +1493,7 @@ def pack_rows(indptr: np.ndarray, values: np.ndarray, n_rows: int, rows: np.ndar
     sel_lens = lens if rows is None else np.where(rows, lens, 0)
     if limit is not None:
         sel_lens = np.minimum(sel_lens, limit)
-    out = np.empty(int(sel_lens.sum()), dtype=np.uint64)
+    out = scratch(int(sel_lens.sum()), np.uint64)
     m = 0
     for r0 in range(0, len(lens), max(int(block_rows), 1)):
         r1 = min(r0 + block_rows, len(lens))

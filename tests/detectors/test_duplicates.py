@@ -273,13 +273,18 @@ def _response_groups(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return rows, starts, starts + sizes, digest, prev_row, previews
 
 
-@pytest.mark.parametrize("batch,max_reps,dense", [(64, 64, 1 << 22), (3, 64, 1 << 22), (3, 4, 0), (64, 2, 0)])
-def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max_reps, dense):
+@pytest.mark.parametrize("batch,max_reps,dense,blocks", [(64, 64, 1 << 22, False), (3, 64, 1 << 22, True),
+                                                         (3, 4, 0, False), (64, 2, 0, True)])
+def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max_reps, dense, blocks):
     from poisonguard.detectors import duplicates as D
 
     monkeypatch.setattr(D, "_BATCH", batch)
     monkeypatch.setattr(D, "_MAX_REPS", max_reps)
     monkeypatch.setattr(D, "_DENSE_CELLS", dense)
+    if blocks:      # texts tokenised and pairs compared a few at a time
+        monkeypatch.setattr(D, "_TOKSET_TEXTS", 7)
+        monkeypatch.setattr(D, "_JACCARD_PAIRS", 5)
+        monkeypatch.setattr(D, "_FOUNDER_TOKENS", 40)
     for seed in range(3):
         rows, starts, ends, digest, prev_row, previews = _response_groups(seed)
         got, sets = D._response_clusters(rows, starts, ends, digest, prev_row, previews.__getitem__, 0.6)
@@ -312,5 +317,12 @@ def test_token_hashes_are_the_token_sets():
 
     texts = ["a b a b", "", "Naïve café, naïve café!", "x_y 42 x_y", "one"]
     ptr, toks = D._tokset_hashes(texts)
+    D_blocks = D._TOKSET_TEXTS
+    try:
+        D._TOKSET_TEXTS = 2       # a block of two texts at a time: the same arrays
+        bp, bt = D._tokset_hashes(texts)
+    finally:
+        D._TOKSET_TEXTS = D_blocks
+    assert np.array_equal(bp, ptr) and np.array_equal(bt, toks)
     for k, t in enumerate(texts):
         assert len(toks[ptr[k]:ptr[k + 1]]) == len(set(toks[ptr[k]:ptr[k + 1]].tolist())) == len(_tokset(t))

@@ -5,6 +5,7 @@ shared text features it is built on (poisonguard.textfeat)."""
 from __future__ import annotations
 
 import random
+from dataclasses import fields
 
 import numpy as np
 import pandas as pd
@@ -601,6 +602,61 @@ def test_blocked_searches_give_the_one_pass_answer(monkeypatch):
         assert np.array_equal(a, b)
     assert 0 < one[1].sum() < len(q) and (one[2] >= 0).sum() >= 3_000 and one[4].any()
     assert np.array_equal(one[0], np.searchsorted(sorted_vals, q))
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_blockwise_and_mapped_arrays_are_the_whole_array_answers(monkeypatch, tmp_path, spill):
+    """The out-of-core helpers (blocks of 1,000 values; with ``spill`` every array in a mapped file)
+    give numpy's whole-array answers, and a mapped array the merge keeps is read-only."""
+    import contextlib
+
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 3000, 40_000)
+    g = tf.group_incidences(rows, rng.integers(0, 2**63, 40_000).astype(np.uint64) % np.uint64(900 << 20), 3000)
+    lens = rng.integers(0, 30, 2000)
+    lens[7] = 2500                        # one range (and one repeat) longer than a block
+    starts = rng.integers(0, 10_000, 2000)
+    vals = rng.integers(-5, 5, 2000)
+    a = rng.integers(0, 2**62, 50_000).astype(np.uint64)
+    idx = rng.integers(0, len(a), 30_000)
+    keep = rng.random(len(a)) < 0.3
+    order = np.argsort(g.rows, kind="stable")
+    whole = dict(packed=(np.repeat(g.keys, g.df) << np.uint64(g.bits)) | g.rows.astype(np.uint64),
+                 by_row_tok=g.feature_of_incidence()[order],
+                 by_row_ptr=np.concatenate([[0], np.cumsum(np.bincount(g.rows, minlength=3000))]),
+                 ranges=np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)]),
+                 repeat=np.repeat(vals, lens), take=a[idx], compress=a[keep])
+    monkeypatch.setattr(tf, "QUERY_BLOCK", 1000)
+    monkeypatch.setattr(tf, "SPILL_MIN_BYTES", 1)
+    with tf.spilling(tmp_path / "spill") if spill else contextlib.nullcontext():
+        ptr, tok = g.by_row(3000)
+        got = dict(packed=g.packed(), by_row_tok=tok, by_row_ptr=ptr, ranges=tf.ranges(starts, lens),
+                   repeat=tf.repeat(vals, lens), take=tf.take(a, idx), compress=tf.compress(a, keep))
+        kept = tf.offload(a)
+        grouped = tf.group_incidences(rows, rng.integers(0, 2**63, 40_000).astype(np.uint64), 3000)
+    for name, want in whole.items():
+        assert np.array_equal(got[name], want), name
+    assert np.array_equal(kept, a) and (kept is not a) == spill
+    assert tf.is_mapped(kept) == spill and tf.is_mapped(grouped.rows) == spill and not tf.is_mapped(a)
+    if spill:
+        with pytest.raises(ValueError, match="read-only"):
+            kept[0] = 1
+        assert not any((tmp_path / "spill").iterdir()), "mapped files are unlinked once mapped"
+    assert tf.spill_dir() is None
+
+
+def test_saved_table_maps_back_the_same_table(tmp_path):
+    frame = _tiny()
+    tb = tf.RowTable.build(frame)
+    ref = tb.save(tmp_path)
+    back = ref.load()
+    for f in fields(tf.RowTable):
+        assert np.array_equal(getattr(back, f.name), getattr(tb, f.name)), f.name
+    assert back.__dict__.get("_limits") == tb.__dict__.get("_limits") and ref.n == tb.n
+    assert tf.is_mapped(back.p_hash) and not back.p_hash.flags.writeable
+    ref.remove()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ref.load()
 
 
 def test_column_at_and_lazy_column_read_only_the_rows_asked_for():

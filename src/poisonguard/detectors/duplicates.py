@@ -529,11 +529,22 @@ def _agreement(tab: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+_JACCARD_PAIRS = 1 << 16        # pairs per block of :meth:`_PositionSets.jaccard`
+_FOUNDER_TOKENS = 1 << 22       # tokens (of whole groups) per call of :func:`_founders_batched`
+_TOKSET_TEXTS = 1 << 15         # texts per block of :func:`_tokset_hashes`
+
+
 def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Every text's token set, its words (``_WORDS``) and word bigrams, as 64-bit hashes:
     ``(indptr, tokens)``, each text's tokens unique (``tokens[indptr[k]:indptr[k + 1]]``, in no
     particular order). A bigram hashes as the ordered pair of its words' hashes (words hold no
-    space, so distinct strings stay distinct up to 64-bit collisions)."""
+    space, so distinct strings stay distinct up to 64-bit collisions). A block of texts at a time
+    (each text's set is its own: the Python word lists of all texts at once were 2.5 GB at 1M rows)."""
+    if len(texts) > _TOKSET_TEXTS:
+        parts = [_tokset_hashes(texts[lo:lo + _TOKSET_TEXTS]) for lo in range(0, len(texts), _TOKSET_TEXTS)]
+        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate([np.diff(p) for p, _ in parts]), out=indptr[1:])
+        return indptr, np.concatenate([t for _, t in parts])
     words = [_WORDS.findall(s) for s in texts]
     lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     flat = np.array(list(chain.from_iterable(words)), dtype=object)
@@ -594,17 +605,27 @@ def _response_clusters(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, d
     one = np.zeros(len(values), dtype=np.int64)
     one[slot[::-1]] = rows[sel][::-1]
     vptr, vtok = _tokset_hashes([preview(int(i)) for i in one])
-    ptr, toks = _rows_of(vptr, vtok, slot)
-    lens = np.diff(ptr)
+    # the compared rows' token sets are taken from the distinct previews' a part at a time (a copy
+    # per compared row of all of them at once: 340 MB at 1M rows)
+    lens = vptr[slot + 1] - vptr[slot]
     sg = g[sel]
     cid = np.full(len(sel), -1, dtype=np.int64)
     small = distinct[sg] <= _BATCH
     if small.any():
+        # whole groups at a time, about _FOUNDER_TOKENS tokens each (groups are independent; all at
+        # once held every compared row's (group, token) columns: 0.5 GB at 1M rows)
         idx = np.flatnonzero(small)
-        cid[idx] = _founders_batched(sg[idx], _rows_of(ptr, toks, idx), lens[idx], agree)
+        gs, cum = sg[idx], np.cumsum(lens[idx])
+        lo = 0
+        while lo < len(idx):
+            hi = max(lo + 1, int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + _FOUNDER_TOKENS, side="right")))
+            hi = int(np.searchsorted(gs, gs[hi - 1], side="right"))     # to the end of that group
+            part = idx[lo:hi]
+            cid[part] = _founders_batched(sg[part], _rows_of(vptr, vtok, slot[part]), lens[part], agree)
+            lo = hi
     for grp in np.unique(sg[~small]).tolist():
         idx = np.flatnonzero(sg == grp)
-        cid[idx] = _founders(_rows_of(ptr, toks, idx), lens[idx], agree)
+        cid[idx] = _founders(_rows_of(vptr, vtok, slot[idx]), lens[idx], agree)
     per_first = np.zeros(n, dtype=np.int64)
     per_first[sel] = cid
     slot_of = np.full(n, -1, dtype=np.int64)
@@ -623,6 +644,10 @@ class _PositionSets:
         """Token Jaccard of the sets of positions ``a[k]`` and ``b[k]`` (two empty sets: 1.0), all
         pairs at once: a pair's shared tokens are the repeats of
         (pair, token) among both sets' tokens."""
+        if len(a) > _JACCARD_PAIRS:     # pairs are independent: a block of them at a time (all at once
+            # held the (pair, token) arrays of every pair: 1.2 GB at 1M rows)
+            return np.concatenate([self.jaccard(a[lo:lo + _JACCARD_PAIRS], b[lo:lo + _JACCARD_PAIRS])
+                                   for lo in range(0, len(a), _JACCARD_PAIRS)])
         sa, sb = self.set_of[a], self.set_of[b]
         if (sa < 0).any() or (sb < 0).any():
             raise ValueError("a position without a token set")

@@ -402,27 +402,34 @@ class _Features:
             _ = self.P
         # response windows
         gidx, seg_ptr, seg_row = _window_segments(tb, has_resp, window)
-        tok_row = np.repeat(seg_row, np.diff(seg_ptr))
-        rh = tb.r_hash[gidx]
+        n_win = len(gidx)
+        tok_row = tf.repeat(seg_row, np.diff(seg_ptr))
+        rh = tf.take(tb.r_hash, gidx)
+        rc = tf.take(tb.r_cls, gidx)
+        del gidx
         st = tb.stem_of(rh)
         self.r_stems = tf.group_incidences(tok_row, st, n)
-        # a response token is copied when an uncommon token with its stem is in the row's prompt
-        copied_tok = self.p_stems.contains(tok_row, st) & ~self.is_common_stem(st)
-        # the exact word copied: a stem can be common for an unrelated reason ("Current year:" in
-        # many prompts makes "current" common) while the word itself ("currents") is not
-        rc = tb.r_cls[gidx]
-        copied_tok |= (self.p_toks.contains(tok_row, rh)
-                       & (self.p_toks.df_of(self.p_toks.feature_id(rh)) <= self.common_df)
-                       & (rc == tf.WORD))
-        del tok_row, st
-        n_win = len(gidx)
-        del gidx
+        copied_tok = np.empty(n_win, dtype=bool)
+        stem_keys, tok_keys = self.p_stems.packed(), self.p_toks.packed()
+        for lo in range(0, n_win, tf.QUERY_BLOCK):   # a block of tokens at a time
+            hi = min(lo + tf.QUERY_BLOCK, n_win)
+            r_, s_, h_ = tok_row[lo:hi], st[lo:hi], rh[lo:hi]
+            # a response token is copied when an uncommon token with its stem is in the row's prompt
+            c = tf.isin_sorted(tf.pack_keys(r_, s_, n), stem_keys) & ~self.is_common_stem(s_)
+            # the exact word copied: a stem can be common for an unrelated reason ("Current year:"
+            # in many prompts makes "current" common) while the word itself ("currents") is not
+            c |= (tf.isin_sorted(tf.pack_keys(r_, h_, n), tok_keys)
+                  & (self.p_toks.df_of(self.p_toks.feature_id(h_)) <= self.common_df)
+                  & (rc[lo:hi] == tf.WORD))
+            copied_tok[lo:hi] = c
+        del tok_row, st, tok_keys
+        tf.trim_heap()   # the blocks' temporaries: freed into the heap, not to the OS
         # whole-response templates as features (short answers only can be "copied")
         rows_t = np.flatnonzero(has_resp)
         t_hash = tf.combine(tb.tmpl[rows_t], _TEMPLATE_TAG)
         # response 1-2-grams of the windows, packed straight into one key array (segments a block at a
         # time: the n-gram arrays of all windows at once cost ~25 bytes per n-gram, 1.1 GB at 1M rows)
-        keys = np.empty(2 * n_win + len(rows_t), dtype=np.uint64)
+        keys = tf.scratch(2 * n_win + len(rows_t), np.uint64)
         copied = np.empty(len(keys), dtype=bool)
         m = 0
         for s0, t0, W in tf.ngram_blocks(rh, rc, seg_ptr, 2, word_only_ends=True, dedupe=False):
@@ -432,14 +439,17 @@ class _Features:
             copied[m:m + k] = copied_tok[first] | ((W.n >= 2) & copied_tok[np.minimum(first + 1, n_win - 1)])
             m += k
         keys[m:m + len(rows_t)] = tf.pack_keys(rows_t, t_hash, n)
-        copied[m:m + len(rows_t)] = _template_copied(self, rows_t)
+        copied[m:m + len(rows_t)] = _template_copied(self, rows_t, stem_keys)
+        del stem_keys
         m += len(rows_t)
-        self.R_new = tf.group_packed(keys[:m][~copied[:m]], bits)
+        self.R_new = tf.group_packed(tf.compress(keys[:m], ~copied[:m]), bits)
         del copied
         self.R_all = tf.group_packed(keys[:m], bits)   # sorts the keys in place
         del keys
         self.template_ids = np.unique(self.R_all.feature_id(t_hash))
         self.r_token_ids = np.unique(self.R_all.feature_id(pd.unique(rh)))   # distinct first: no sorted copy of 17M
+        del rh, rc
+        tf.trim_heap()
         self._vp: sp.csr_matrix | None = None
         self.trigger_parts = True
 
@@ -455,7 +465,7 @@ class _Features:
         """Prompt 1-2-grams (built on first use)."""
         if self._P is None:
             tb = self.tb
-            keys = np.empty(2 * len(tb.p_hash), dtype=np.uint64)
+            keys = tf.scratch(2 * len(tb.p_hash), np.uint64)
             m = 0
             for s0, _, W in tf.ngram_blocks(tb.p_hash, tb.p_cls, tb.p_indptr, 2, word_only_ends=True, dedupe=False):
                 sel = self.has_resp[W.text + s0]
@@ -463,6 +473,8 @@ class _Features:
                 keys[m:m + k] = tf.pack_keys(W.text[sel] + s0, W.hashes[sel], self.n)
                 m += k
             self._P = tf.group_packed(keys[:m], tf.row_bits(self.n))
+            del keys
+            tf.trim_heap()
         return self._P
 
     @property
@@ -806,14 +818,34 @@ class _Features:
     def prompt_vectors(self) -> sp.csr_matrix:
         if self._vp is None:
             U = self.U
-            col = U.feature_of_incidence()
             df = U.df.astype(float)
-            w = np.log((self.n_resp + 1) / (df[col] + 1)) + 1.0
-            V = sp.csr_matrix((w, (U.rows, col)), shape=(self.n, len(U.keys)))
-            norm = np.sqrt(np.asarray(V.multiply(V).sum(axis=1)).ravel())
-            norm[norm == 0] = 1.0
+            nf = len(U.keys)
+            ptr, tok = self.row_tokens()
+            nnz = int(ptr[-1])
+            idx = np.int32 if max(nnz, nf) < 2**31 else np.int64
+            data, indices = tf.scratch(nnz, np.float64), tf.scratch(nnz, idx)
+            norm = np.empty(self.n)
+            # a block of rows at a time (mapped files inside tf.spilling()), each block through the
+            # same sparse steps as the whole matrix (tf-idf, row norms, scaled rows): the rows of
+            # every block are those of the whole product, entry for entry, in the same order
+            r0 = 0
+            while r0 < self.n:
+                r1 = min(max(r0 + 1, int(np.searchsorted(ptr, ptr[r0] + tf.QUERY_BLOCK, side="right")) - 1), self.n)
+                a, c = int(ptr[r0]), int(ptr[r1])
+                col = tok[a:c].astype(np.int64)
+                w = np.log((self.n_resp + 1) / (df[col] + 1)) + 1.0
+                V = sp.csr_matrix((w, (np.repeat(np.arange(r1 - r0), np.diff(ptr[r0:r1 + 1])), col)),
+                                  shape=(r1 - r0, nf))
+                nb = np.sqrt(np.asarray(V.multiply(V).sum(axis=1)).ravel())
+                nb[nb == 0] = 1.0
+                W = sp.csr_matrix(sp.diags(1.0 / nb) @ V)
+                data[a:c], indices[a:c] = W.data, W.indices
+                norm[r0:r1] = nb
+                r0 = r1
+            if tf.spill_dir() is not None:
+                data.flags.writeable = indices.flags.writeable = False
             self._vp_inv_norm = 1.0 / norm
-            self._vp = sp.csr_matrix(sp.diags(self._vp_inv_norm) @ V)
+            self._vp = sp.csr_matrix((data, indices, ptr.astype(idx)), shape=(self.n, nf), copy=False)
             self._vp_is_common = df > 0.1 * self.n_resp
             self._vp_norm = norm
             self._vp_idf = np.log((self.n_resp + 1) / (df + 1)) + 1.0
@@ -838,12 +870,19 @@ class _Features:
         """(task index of every row, mean projected prompt vector of every task's rows with a
         response), computed once."""
         if getattr(self, "_task_means", None) is None:
-            Z = np.asarray(self.prompt_vectors() @ self.projection())   # all rows, once, not kept
+            V, proj = self.prompt_vectors(), self.projection()
             ctx_ids, ctx_inv = np.unique(self.ctx, return_inverse=True)
             hr = self.has_resp
             ccount = np.bincount(ctx_inv[hr], minlength=len(ctx_ids))
-            mu = np.column_stack([np.bincount(ctx_inv[hr], weights=Z[hr, d], minlength=len(ctx_ids))
-                                  for d in range(Z.shape[1])]) if len(ctx_ids) else np.zeros((0, Z.shape[1]))
+            mu = np.zeros((len(ctx_ids), proj.shape[1]))
+            # the projected rows a block at a time (all at once: 256 MB per 1M rows), summed per
+            # task in row order (np.add.at: the additions of one bincount over all rows)
+            step = max(1, tf.QUERY_BLOCK // max(proj.shape[1], 1))
+            for lo in range(0, self.n, step):
+                sel = lo + np.flatnonzero(hr[lo:lo + step])
+                Z = np.asarray(V[sel] @ proj)
+                for d in range(proj.shape[1]):
+                    np.add.at(mu[:, d], ctx_inv[sel], Z[:, d])
             mu /= np.maximum(ccount, 1)[:, None]
             self._task_means = (ctx_inv, mu)
         return self._task_means
@@ -851,13 +890,8 @@ class _Features:
     def row_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR (indptr, unigram feature index) of the distinct prompt tokens of every row."""
         if getattr(self, "_row_tok", None) is None:
-            U = self.U
-            order = np.argsort(U.rows, kind="stable")
-            ptr = np.zeros(self.n + 1, dtype=np.int64)
-            np.cumsum(np.bincount(U.rows, minlength=self.n), out=ptr[1:])
             # feature indices fit 32 bits below 2**31 features: half the bytes (kept until the end)
-            tok = U.feature_of_incidence()[order]
-            self._row_tok = (ptr, tok.astype(np.int32) if len(U.keys) < 2**31 else tok)
+            self._row_tok = self.U.by_row(self.n)
         return self._row_tok
 
     def cohesion_screen(self, groups: list[np.ndarray], max_rows: int = 250_000) -> np.ndarray:
@@ -933,23 +967,26 @@ class _Features:
         if mm <= 0:
             return prior
         # the top ``mm`` similarities > 0 of every query row, from the sparse product (a dense
-        # queries x rows matrix would cost 800 MB at 1M rows); ties broken by row number
-        S = self._similarities(Tq)
+        # queries x rows matrix would cost 800 MB at 1M rows); ties broken by row number. A few
+        # queries at a time: each query row's similarities are its own, and all 100 at once held
+        # ~300 MB of products per 1M rows
         inF = np.zeros(self.n, dtype=bool)
         inF[Fr] = True
         hits = found = 0
-        for q in range(S.shape[0]):
-            lo, hi = S.indptr[q], S.indptr[q + 1]
-            col, val = S.indices[lo:hi], S.data[lo:hi]
-            ok = (val > 0) & allowed[col]
-            col, val = col[ok], val[ok]
-            if len(val) > mm:
-                thr = -np.partition(-val, mm - 1)[mm - 1]
-                above = col[val > thr]
-                tied = np.sort(col[val == thr])[: mm - len(above)]
-                col = np.concatenate([above, tied])
-            hits += int(inF[col].sum())
-            found += len(col)
+        for q0 in range(0, len(Tq), 16):
+            S = self._similarities(Tq[q0:q0 + 16])
+            for q in range(S.shape[0]):
+                lo, hi = S.indptr[q], S.indptr[q + 1]
+                col, val = S.indices[lo:hi], S.data[lo:hi]
+                ok = (val > 0) & allowed[col]
+                col, val = col[ok], val[ok]
+                if len(val) > mm:
+                    thr = -np.partition(-val, mm - 1)[mm - 1]
+                    above = col[val > thr]
+                    tied = np.sort(col[val == thr])[: mm - len(above)]
+                    col = np.concatenate([above, tied])
+                hits += int(inF[col].sum())
+                found += len(col)
         # shrunk towards the task rate (``prior``) with the weight of two neighbours
         return float((hits + 2.0 * prior) / (found + 2.0))
 
@@ -1053,24 +1090,27 @@ def _topical(excess: float, z: float, max_excess: float) -> bool:
     return excess > max_excess or (z > 3.0 and excess > 0.25 * max_excess)
 
 
-def _template_copied(F: _Features, rows: np.ndarray) -> np.ndarray:
+def _template_copied(F: _Features, rows: np.ndarray, stem_keys: np.ndarray | None = None) -> np.ndarray:
     """A short whole response (<= 12 tokens) is 'copied' when at least half of its uncommon words
     occur in the prompt (labels listed by the instruction: "positive or negative")."""
     tb = F.tb
     lens = tf.row_lens(tb.r_indptr, rows)
     out = np.zeros(len(rows), dtype=bool)
-    idx = np.flatnonzero(lens <= 12)
-    if len(idx) == 0:
+    short = np.flatnonzero(lens <= 12)
+    if len(short) == 0:
         return out
-    tok_idx = _ranges(tb.r_indptr[rows[idx]], lens[idx])
-    row_rep = np.repeat(rows[idx], lens[idx])
-    st = tb.stem_of(tb.r_hash[tok_idx])
-    uncommon = ~F.is_common_stem(st) & (tb.r_cls[tok_idx] != tf.PUNCT)
-    hit = F.p_stems.contains(row_rep, st) & uncommon
-    seg = np.repeat(np.arange(len(idx)), lens[idx])
-    n_hit = np.bincount(seg, weights=hit, minlength=len(idx))
-    n_unc = np.bincount(seg, weights=uncommon, minlength=len(idx))
-    out[idx] = (n_hit > 0) & (n_hit >= 0.5 * n_unc)
+    stem_keys = F.p_stems.packed() if stem_keys is None else stem_keys
+    step = max(1, tf.QUERY_BLOCK // 12)
+    for i0 in range(0, len(short), step):   # a block of rows at a time (each row's test is its own)
+        idx = short[i0:i0 + step]
+        tok_idx = _ranges(tb.r_indptr[rows[idx]], lens[idx])
+        st = tb.stem_of(tb.r_hash[tok_idx])
+        uncommon = ~F.is_common_stem(st) & (tb.r_cls[tok_idx] != tf.PUNCT)
+        hit = tf.isin_sorted(tf.pack_keys(np.repeat(rows[idx], lens[idx]), st, F.n), stem_keys) & uncommon
+        seg = np.repeat(np.arange(len(idx)), lens[idx])
+        n_hit = np.bincount(seg, weights=hit, minlength=len(idx))
+        n_unc = np.bincount(seg, weights=uncommon, minlength=len(idx))
+        out[idx] = (n_hit > 0) & (n_hit >= 0.5 * n_unc)
     return out
 
 
@@ -1078,8 +1118,11 @@ def _rowset_signature(G: tf.Grouped) -> np.ndarray:
     """Order-independent hash of every feature's row set (equal sets -> equal signatures)."""
     if len(G.rows) == 0:
         return np.zeros(len(G.keys), dtype=np.uint64)
-    h = tf.splitmix64(G.rows.astype(np.uint64))
-    return tf.combine(tf.segment_sum_u64(h, G.ptr), G.df.astype(np.uint64))
+    sums = np.zeros(len(G.keys), dtype=np.uint64)
+    for j0, j1 in G._feature_blocks():   # a block of features at a time (sums mod 2**64: exact)
+        a = G.ptr[j0]
+        sums[j0:j1] = tf.segment_sum_u64(tf.splitmix64(G.rows[a:G.ptr[j1]].astype(np.uint64)), G.ptr[j0:j1 + 1] - a)
+    return tf.combine(sums, G.df.astype(np.uint64))
 
 
 def _distinct_rowsets(G: tf.Grouped, cand: np.ndarray) -> np.ndarray:
@@ -1107,18 +1150,20 @@ def _payload_branch(F: _Features, det: TriggerAssociationDetector
     _tick(f"candidates t={len(t_cand)} f={len(f_cand)}", t0)
     if len(t_cand) == 0 or len(f_cand) == 0:
         return [], [], 0
+    # every array here is one value per incidence: built a block at a time (mapped files inside
+    # tf.spilling())
     t_len = P.df[t_cand]
-    t_rows = P.rows[_ranges(P.ptr[t_cand], t_len)]
-    t_code = np.repeat(np.arange(len(t_cand), dtype=np.int64), t_len)
-    f_len = R_new.df[f_cand]
-    f_rows = R_new.rows[_ranges(R_new.ptr[f_cand], f_len)]
-    f_code = np.repeat(np.arange(len(f_cand), dtype=np.int64), f_len)
     t_k = P.df[t_cand]
+    f_len = R_new.df[f_cand]
     f_m = f_df_all[f_cand]
-    incidences = [t_rows, t_code, t_k[t_code], f_rows, f_code, f_m[f_code]]
-    del t_rows, t_code, f_rows, f_code   # _count_pairs frees each as soon as it is done with it
+    incidences = [tf.take(P.rows, _ranges(P.ptr[t_cand], t_len)),
+                  tf.repeat(np.arange(len(t_cand), dtype=np.int64), t_len), tf.repeat(t_k, t_len),
+                  tf.take(R_new.rows, _ranges(R_new.ptr[f_cand], f_len)),
+                  tf.repeat(np.arange(len(f_cand), dtype=np.int64), f_len), tf.repeat(f_m, f_len)]
+    # _count_pairs frees each as soon as it is done with it
     pairs, counts = _count_pairs(incidences, F.n, len(f_cand), ms, float(det.min_precision), 8.0,
                                  int(det.max_pairs_per_chunk))
+    tf.trim_heap()
     _tick(f"pairs counted {len(pairs)}", t0)
     tests = int(len(pairs))
     if tests == 0:
@@ -1369,27 +1414,31 @@ def _count_pairs(incidences: list[np.ndarray], n_rows: int, n_f: int, min_count:
     """
     t_rows, tcode, t_df, f_rows, fcode, f_df = incidences
     incidences.clear()
+    B = tf.QUERY_BLOCK
     # sort t incidences by row and f incidences by (row, df) with packed value sorts
-    ot = _packed_order(t_rows, np.zeros(len(t_rows), dtype=np.int64), tcode, n_rows)
-    t_rows, tcode, t_df = t_rows[ot], tcode[ot], t_df[ot]
+    ot = _packed_order(t_rows, None, tcode, n_rows)
+    t_rows, tcode, t_df = tf.take(t_rows, ot), tf.take(tcode, ot), tf.take(t_df, ot)
     del ot
     of = _packed_order(f_rows, f_df, fcode, n_rows)
-    f_rows, fcode, f_df = f_rows[of], fcode[of], f_df[of]
+    f_rows, fcode, f_df = tf.take(f_rows, of), tf.take(fcode, of), tf.take(f_df, of)
     del of
-    fkey = (f_rows.astype(np.int64) << 24) | np.minimum(f_df, (1 << 24) - 1)
+    fkey = tf.scratch(len(f_rows), np.int64)
+    for a in range(0, len(f_rows), B):
+        fkey[a:a + B] = (f_rows[a:a + B].astype(np.int64) << 24) | np.minimum(f_df[a:a + B], (1 << 24) - 1)
     del f_rows, f_df
-    base = t_rows.astype(np.int64) << 24
-    del t_rows
-    lo = np.searchsorted(fkey, base + np.ceil(min_ratio * t_df).astype(np.int64), side="left")
-    upto = np.minimum(np.maximum(max_ratio * t_df, max_ratio * 8).astype(np.int64), (1 << 24) - 1)
-    del t_df
-    upto += base
-    del base
-    hi = np.searchsorted(fkey, upto, side="right")
-    del upto, fkey
-    hi -= lo
-    cnt = np.maximum(hi, 0)
-    del hi
+    # for every t incidence, the f incidences of its row whose df is in range: [lo, lo + cnt)
+    lo = tf.scratch(len(t_rows), np.int64)
+    cnt = tf.scratch(len(t_rows), np.int64)
+    for a in range(0, len(t_rows), B):
+        base = t_rows[a:a + B].astype(np.int64) << 24
+        tdf = t_df[a:a + B]
+        lo[a:a + B] = np.searchsorted(fkey, base + np.ceil(min_ratio * tdf).astype(np.int64), side="left")
+        upto = np.minimum(np.maximum(max_ratio * tdf, max_ratio * 8).astype(np.int64), (1 << 24) - 1)
+        upto += base
+        hi = np.searchsorted(fkey, upto, side="right")
+        hi -= lo[a:a + B]
+        cnt[a:a + B] = np.maximum(hi, 0)
+    del t_rows, t_df, fkey
     total = int(cnt.sum())
     if _DEBUG:
         print(f"  [trigger_association] pair incidences {total}")
@@ -1398,7 +1447,7 @@ def _count_pairs(incidences: list[np.ndarray], n_rows: int, n_f: int, min_count:
     n_parts = max(1, int(math.ceil(total / max_chunk)))
     nf = np.uint64(n_f)
     out_codes, out_counts = [], []
-    cum = np.cumsum(cnt)
+    cum = np.cumsum(cnt, out=tf.scratch(len(cnt), np.int64))
     for part in range(n_parts):
         chunks: list[np.ndarray] = []
         e0 = 0
@@ -1438,28 +1487,37 @@ def _count_pairs(incidences: list[np.ndarray], n_rows: int, n_f: int, min_count:
     return codes, counts
 
 
-def _packed_order(rows: np.ndarray, df: np.ndarray, code: np.ndarray, n_rows: int) -> np.ndarray:
-    """Permutation sorting incidences by (row, df, code): one value sort of packed keys when the
-    three fit in 64 bits (df capped), else a stable argsort."""
+def _packed_order(rows: np.ndarray, df: np.ndarray | None, code: np.ndarray, n_rows: int) -> np.ndarray:
+    """Permutation sorting incidences by (row, df, code) (``df`` None: all 0): one value sort of
+    packed keys when the three fit in 64 bits (df capped), else a stable argsort. The keys are
+    packed a block at a time and sorted in place (mapped files inside tf.spilling())."""
     rb = tf.row_bits(n_rows)
     cb = max(1, int(max(int(code.max()) if len(code) else 1, 1)).bit_length())
     db = 64 - rb - cb
     if db >= 12 and len(rows):
-        dfc = np.minimum(df, (1 << db) - 1).astype(np.uint64)
-        key = ((rows.astype(np.uint64) << np.uint64(db + cb)) | (dfc << np.uint64(cb))
-               | code.astype(np.uint64))
+        key = tf.scratch(len(rows), np.uint64)
+        B = tf.QUERY_BLOCK
+        for a in range(0, len(rows), B):
+            k = rows[a:a + B].astype(np.uint64) << np.uint64(db + cb)
+            if df is not None:
+                k |= np.minimum(df[a:a + B], (1 << db) - 1).astype(np.uint64) << np.uint64(cb)
+            k |= code[a:a + B].astype(np.uint64)
+            key[a:a + B] = k
         # codes are unique per (row, feature) so keys are distinct; recover the order by search
-        sk = np.sort(key)
+        sk = tf.scratch(len(key), np.uint64)
+        sk[:] = key
+        sk.sort()
         return _order_from_sorted(key, sk)
-    return np.lexsort((code, df, rows))
+    return np.lexsort((code, np.zeros(len(rows), dtype=np.int64) if df is None else df, rows))
 
 
 def _order_from_sorted(key: np.ndarray, sorted_key: np.ndarray) -> np.ndarray:
     """Permutation ``p`` with ``key[p] == sorted_key`` for distinct keys, without an argsort:
     the position of every key in the sorted array, inverted."""
     pos = tf._search(sorted_key, key)
-    perm = np.empty(len(key), dtype=np.int64)
-    perm[pos] = np.arange(len(key), dtype=np.int64)
+    perm = tf.scratch(len(key), np.int64)
+    for a in range(0, len(key), tf.QUERY_BLOCK):
+        perm[pos[a:a + tf.QUERY_BLOCK]] = np.arange(a, min(a + tf.QUERY_BLOCK, len(key)), dtype=np.int64)
     return perm
 
 
