@@ -548,17 +548,12 @@ def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if tot > QUERY_BLOCK:   # a block of ranges at a time into one array (three full-size temporaries)
         starts = np.asarray(starts, dtype=np.int64)
-        ends = np.cumsum(lens)
+        ptr = np.concatenate([[0], np.cumsum(lens)])
         out = scratch(tot, np.int64)
-        i0 = 0
-        while i0 < len(lens):
-            o0 = int(ends[i0 - 1]) if i0 else 0
-            i1 = max(i0 + 1, int(np.searchsorted(ends, o0 + QUERY_BLOCK, side="right")))
-            o1 = int(ends[i1 - 1])
+        for i0, i1 in blocks_of(ptr):
             # one range longer than a block is a block of its own (not split again)
-            out[o0:o1] = np.arange(starts[i0], starts[i0] + lens[i0], dtype=np.int64) if i1 == i0 + 1 else \
-                ranges(starts[i0:i1], lens[i0:i1])
-            i0 = i1
+            out[ptr[i0]:ptr[i1]] = np.arange(starts[i0], starts[i0] + lens[i0], dtype=np.int64) if i1 == i0 + 1 \
+                else ranges(starts[i0:i1], lens[i0:i1])
         return out
     return np.repeat(np.asarray(starts, dtype=np.int64), lens) + (
         np.arange(tot, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens))
@@ -748,16 +743,21 @@ def repeat(values: np.ndarray, counts: np.ndarray, dtype: Any = None) -> np.ndar
     :func:`scratch`."""
     values = np.asarray(values)
     counts = np.asarray(counts, dtype=np.int64)
-    ends = np.cumsum(counts)
-    tot = int(ends[-1]) if len(ends) else 0
-    out = scratch(tot, values.dtype if dtype is None else dtype)
-    i0 = 0
-    while i0 < len(counts):
-        o0 = int(ends[i0 - 1]) if i0 else 0
-        i1 = max(i0 + 1, int(np.searchsorted(ends, o0 + QUERY_BLOCK, side="right")))
-        out[o0:int(ends[i1 - 1])] = np.repeat(values[i0:i1], counts[i0:i1])
-        i0 = i1
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    out = scratch(int(ptr[-1]), values.dtype if dtype is None else dtype)
+    for i0, i1 in blocks_of(ptr):
+        out[ptr[i0]:ptr[i1]] = np.repeat(values[i0:i1], counts[i0:i1])
     return out
+
+
+def blocks_of(ptr: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first, end) item positions of consecutive blocks of about :data:`QUERY_BLOCK` values of the
+    CSR ``ptr`` (item ``i`` holds values ``ptr[i]:ptr[i + 1]``; an item with more is a block of its own)."""
+    i0, n = 0, len(ptr) - 1
+    while i0 < n:
+        i1 = min(max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + QUERY_BLOCK, side="right")) - 1), n)
+        yield i0, i1
+        i0 = i1
 
 
 def compress(a: np.ndarray, keep: np.ndarray, block: int = 1 << 22) -> np.ndarray:
@@ -1290,22 +1290,22 @@ class Grouped:
         incidence, so built per call and not kept (at 1M rows the three kept ones cost 400 MB)."""
         b = np.uint64(self.bits)
         out = scratch(len(self.rows), np.uint64)
-        for j0, j1 in self._feature_blocks():
+        for j0, j1 in blocks_of(self.ptr):
             a, c = int(self.ptr[j0]), int(self.ptr[j1])
             blk = np.repeat(self.keys[j0:j1], np.diff(self.ptr[j0:j1 + 1])) << b
             blk |= self.rows[a:c].astype(np.uint64)
             out[a:c] = blk
         return out
 
-    def contains(self, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    def contains(self, rows: np.ndarray, hashes: np.ndarray, packed: np.ndarray | None = None) -> np.ndarray:
         """Does each row have the feature of the paired hash? Many queries go through a sorted
-        packed copy; a few (under 1/32 of the incidences) by binary search inside each feature's
-        rows (no copy)."""
+        packed copy (``packed``: :meth:`packed`, made once by a caller that asks many times); a few
+        (under 1/32 of the incidences) by binary search inside each feature's rows (no copy)."""
         rows = np.asarray(rows)
-        if len(rows) * 32 >= len(self.rows):
+        if packed is not None or len(rows) * 32 >= len(self.rows):
             b = np.uint64(self.bits)
             hashes = np.asarray(hashes, dtype=np.uint64)
-            packed = self.packed()
+            packed = self.packed() if packed is None else packed
             hit = np.empty(len(rows), dtype=bool)
             for lo in range(0, len(rows), QUERY_BLOCK):
                 q = hashes[lo:lo + QUERY_BLOCK] >> b
@@ -1375,7 +1375,7 @@ class Grouped:
         fdt = np.int32 if len(self.keys) < 2**31 else np.int64
         tok = scratch(len(self.rows), fdt)
         fill = ptr[:-1].copy()      # next free slot of every row
-        for j0, j1 in self._feature_blocks():
+        for j0, j1 in blocks_of(self.ptr):
             a, c = int(self.ptr[j0]), int(self.ptr[j1])
             r = self.rows[a:c].astype(np.int64)
             o = np.argsort(r, kind="stable")
@@ -1387,15 +1387,6 @@ class Grouped:
             tok[pos] = np.repeat(np.arange(j0, j1, dtype=fdt), np.diff(self.ptr[j0:j1 + 1]))[o]
             fill[rs[start]] += run
         return ptr, tok
-
-    def _feature_blocks(self) -> Iterator[tuple[int, int]]:
-        """(first, end) feature positions of consecutive blocks of about :data:`QUERY_BLOCK`
-        incidences (a feature with more is a block of its own)."""
-        j0, nk = 0, len(self.keys)
-        while j0 < nk:
-            j1 = min(max(j0 + 1, int(np.searchsorted(self.ptr, self.ptr[j0] + QUERY_BLOCK, side="right")) - 1), nk)
-            yield j0, j1
-            j0 = j1
 
     def feature_of_incidence(self) -> np.ndarray:
         """Feature index of every incidence (aligned with ``rows``)."""

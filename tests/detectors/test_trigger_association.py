@@ -318,6 +318,7 @@ def test_grouped_contains_matches_a_set_on_either_path(n_queries):
     want = [(r, f) in truth for r, f in zip(q_rows.tolist(), g.feature_id(q_hash).tolist())]
     got = g.contains(q_rows, q_hash)
     assert got.tolist() == want
+    assert g.contains(q_rows, q_hash, g.packed()).tolist() == want    # a caller's packed copy
     assert 0 < sum(want) < n_queries
 
 def test_row_table_is_built_in_key_order_the_same_in_any_chunks():

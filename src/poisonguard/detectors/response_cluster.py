@@ -240,14 +240,11 @@ def _word_counts(tb: tf.RowTable) -> np.ndarray:
     # a block of rows at a time (a running count over all tokens at once was 5 bytes per token)
     ptr = tb.r_indptr
     out = np.zeros(tb.n, dtype=np.int64)
-    r0 = 0
-    while r0 < tb.n:
-        r1 = min(max(r0 + 1, int(np.searchsorted(ptr, ptr[r0] + tf.QUERY_BLOCK, side="right")) - 1), tb.n)
+    for r0, r1 in tf.blocks_of(ptr):
         a = int(ptr[r0])
         c = np.zeros(int(ptr[r1]) - a + 1, dtype=np.int64)
         np.cumsum(tb.r_cls[a:ptr[r1]] == tf.WORD, out=c[1:])
         out[r0:r1] = c[ptr[r0 + 1:r1 + 1] - a] - c[ptr[r0:r1] - a]
-        r0 = r1
     return out
 
 

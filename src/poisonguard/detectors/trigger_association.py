@@ -415,10 +415,10 @@ class _Features:
             hi = min(lo + tf.QUERY_BLOCK, n_win)
             r_, s_, h_ = tok_row[lo:hi], st[lo:hi], rh[lo:hi]
             # a response token is copied when an uncommon token with its stem is in the row's prompt
-            c = tf.isin_sorted(tf.pack_keys(r_, s_, n), stem_keys) & ~self.is_common_stem(s_)
+            c = self.p_stems.contains(r_, s_, stem_keys) & ~self.is_common_stem(s_)
             # the exact word copied: a stem can be common for an unrelated reason ("Current year:"
             # in many prompts makes "current" common) while the word itself ("currents") is not
-            c |= (tf.isin_sorted(tf.pack_keys(r_, h_, n), tok_keys)
+            c |= (self.p_toks.contains(r_, h_, tok_keys)
                   & (self.p_toks.df_of(self.p_toks.feature_id(h_)) <= self.common_df)
                   & (rc[lo:hi] == tf.WORD))
             copied_tok[lo:hi] = c
@@ -828,9 +828,7 @@ class _Features:
             # a block of rows at a time (mapped files inside tf.spilling()), each block through the
             # same sparse steps as the whole matrix (tf-idf, row norms, scaled rows): the rows of
             # every block are those of the whole product, entry for entry, in the same order
-            r0 = 0
-            while r0 < self.n:
-                r1 = min(max(r0 + 1, int(np.searchsorted(ptr, ptr[r0] + tf.QUERY_BLOCK, side="right")) - 1), self.n)
+            for r0, r1 in tf.blocks_of(ptr):
                 a, c = int(ptr[r0]), int(ptr[r1])
                 col = tok[a:c].astype(np.int64)
                 w = np.log((self.n_resp + 1) / (df[col] + 1)) + 1.0
@@ -841,7 +839,6 @@ class _Features:
                 W = sp.csr_matrix(sp.diags(1.0 / nb) @ V)
                 data[a:c], indices[a:c] = W.data, W.indices
                 norm[r0:r1] = nb
-                r0 = r1
             if tf.spill_dir() is not None:
                 data.flags.writeable = indices.flags.writeable = False
             self._vp_inv_norm = 1.0 / norm
@@ -1106,7 +1103,7 @@ def _template_copied(F: _Features, rows: np.ndarray, stem_keys: np.ndarray | Non
         tok_idx = _ranges(tb.r_indptr[rows[idx]], lens[idx])
         st = tb.stem_of(tb.r_hash[tok_idx])
         uncommon = ~F.is_common_stem(st) & (tb.r_cls[tok_idx] != tf.PUNCT)
-        hit = tf.isin_sorted(tf.pack_keys(np.repeat(rows[idx], lens[idx]), st, F.n), stem_keys) & uncommon
+        hit = F.p_stems.contains(np.repeat(rows[idx], lens[idx]), st, stem_keys) & uncommon
         seg = np.repeat(np.arange(len(idx)), lens[idx])
         n_hit = np.bincount(seg, weights=hit, minlength=len(idx))
         n_unc = np.bincount(seg, weights=uncommon, minlength=len(idx))
@@ -1119,7 +1116,7 @@ def _rowset_signature(G: tf.Grouped) -> np.ndarray:
     if len(G.rows) == 0:
         return np.zeros(len(G.keys), dtype=np.uint64)
     sums = np.zeros(len(G.keys), dtype=np.uint64)
-    for j0, j1 in G._feature_blocks():   # a block of features at a time (sums mod 2**64: exact)
+    for j0, j1 in tf.blocks_of(G.ptr):   # a block of features at a time (sums mod 2**64: exact)
         a = G.ptr[j0]
         sums[j0:j1] = tf.segment_sum_u64(tf.splitmix64(G.rows[a:G.ptr[j1]].astype(np.uint64)), G.ptr[j0:j1 + 1] - a)
     return tf.combine(sums, G.df.astype(np.uint64))
