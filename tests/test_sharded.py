@@ -519,6 +519,12 @@ def test_out_of_core_merge_gives_the_same_result(frame, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf, "_mapped", spy_mapped)
     monkeypatch.setattr(tf.SavedTable, "load", lambda self: loads.append(self.n) or real_load(self))
+    from poisonguard.detectors.base import HandedOver
+    from poisonguard.detectors.duplicates import DuplicatesDetector
+
+    received, real_merge = [], DuplicatesDetector.merge
+    monkeypatch.setattr(DuplicatesDetector, "merge",
+                        lambda self, sums: received.append(type(sums)) or real_merge(self, sums))
     monkeypatch.setattr(tf, "SPILL_MIN_BYTES", 1)
     monkeypatch.setattr(tf, "QUERY_BLOCK", 1000)
     spill = tmp_path / "spill"
@@ -528,4 +534,5 @@ def test_out_of_core_merge_gives_the_same_result(frame, tmp_path, monkeypatch):
     assert truth <= set(out.quarantine[S.ID])
     assert sorted(loads) == sorted(len(p) for p in sharded.split(recs, 3)), "each shard's table went by file"
     assert sum(mapped) > 20, "the merge's arrays were mapped"
+    assert received == [HandedOver], "pickled summaries are read back for their merge alone and handed over"
     assert spill.is_dir() and not any(spill.iterdir()), "the run's spill folder is removed"

@@ -50,7 +50,7 @@ from poisonguard import schema as S
 from poisonguard import textfeat as tf
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
-from poisonguard.detectors.base import DetectorResult, Finding
+from poisonguard.detectors.base import DetectorResult, Finding, HandedOver
 from poisonguard.textfeat import RowTable, SavedSummary, SavedTable
 
 Summaries = dict[str, Any]
@@ -252,21 +252,31 @@ def merge_summaries(summaries: Sequence[Summaries], cfg: SanitizeConfig) -> Stat
     from poisonguard.sanitize import release_caches
 
     present = set(summaries[0]) if summaries else set(cfg.detectors)
-    # summaries a summary step saved to the spill folder: token tables mapped, others read back,
-    # once per file (a shard's detectors sharing one table share one handle)
-    saved = {v.path: v for s in summaries for v in s.values() if isinstance(v, (SavedTable, SavedSummary))}
+    # token tables a summary step saved to the spill folder are mapped, once per file (a shard's
+    # detectors sharing one table share one handle)
+    saved = {v.path: v for s in summaries for v in s.values() if isinstance(v, SavedTable)}
     loaded = {path: ref.load() for path, ref in saved.items()}
     # whatever carried them here (a transport that copies value by value), a shard's detectors
     # sharing one token table read one object again
-    summaries = [_share_tables({k: loaded[v.path] if isinstance(v, (SavedTable, SavedSummary)) else v
+    summaries = [_share_tables({k: loaded[v.path] if isinstance(v, SavedTable) else v
                                 for k, v in s.items()}) for s in summaries]
     del loaded
+
+    def parts(name: str) -> list[Any]:
+        """The shards' summaries of detector ``name``. Pickled ones are read back just before its
+        merge, and handed over (:class:`HandedOver`): nothing else holds them, so the merge may
+        take them apart as it joins them (at 5M rows duplicates' 16 summaries and their join were
+        ~2 GB at once) and the other detectors' are not in memory meanwhile."""
+        vals = [s[name] for s in summaries]
+        if vals and all(isinstance(v, SavedSummary) for v in vals):
+            return HandedOver(v.load() for v in vals)
+        return [v.load() if isinstance(v, SavedSummary) else v for v in vals]
+
     try:
         # the saved summaries stay until the run's folder goes (spill_run): a merge that a cluster
         # runs again (its worker died before its result was used) reads them again
         with tf.spilling(cfg.spill_dir or None):
-            return {name: det.merge([s[name] for s in summaries]) for name, det in _detectors(cfg).items()
-                    if name in present}
+            return {name: det.merge(parts(name)) for name, det in _detectors(cfg).items() if name in present}
     finally:
         release_caches()
 

@@ -132,6 +132,17 @@ def test_sharded_equals_single():
     assert np.concatenate([p.flagged.to_numpy() for p in parts]).tolist() == whole.flagged.tolist()
     assert [e for p in parts for e in p.evidence] == whole.evidence.tolist()
     assert whole.flagged.sum() > 0
+    # summaries handed over (read back from a spill folder) are taken apart as they are joined, with
+    # the same statistics as summaries that must be left as they are
+    from poisonguard.detectors.base import HandedOver
+
+    sums = [det.summarize(s) for s in shards]
+    kept = [dict(q) for q in sums]
+    handed = HandedOver(sums)
+    again = det.merge(handed)
+    assert not handed and all(not q for q in sums), "the handed-over summaries were consumed"
+    assert again["minority"] == stats["minority"] and again["groups"] == stats["groups"]
+    assert det.merge(kept)["minority"] == stats["minority"] and all(kept), "a plain list is left as it is"
 
 
 def test_summary_is_the_same_in_any_chunks():
@@ -315,14 +326,18 @@ def test_vectorised_response_clusters_equal_the_set_rule(monkeypatch, batch, max
 def test_token_hashes_are_the_token_sets():
     from poisonguard.detectors import duplicates as D
 
-    texts = ["a b a b", "", "Naïve café, naïve café!", "x_y 42 x_y", "one"]
+    # "a b c d" and "é ü ß": as many tokens (4 words, 3 bigrams; 3 + 2) as characters, the bound the
+    # blocked version sizes its output by
+    texts = ["a b a b", "", "Naïve café, naïve café!", "a b c d", "x_y 42 x_y", "é ü ß", "one"]
     ptr, toks = D._tokset_hashes(texts)
+    assert np.diff(ptr)[[3, 5]].tolist() == [7, 5]
     D_blocks = D._TOKSET_TEXTS
     try:
-        D._TOKSET_TEXTS = 2       # a block of two texts at a time: the same arrays
-        bp, bt = D._tokset_hashes(texts)
+        for block in (1, 2, 3):       # a block of texts at a time: the same arrays
+            D._TOKSET_TEXTS = block
+            bp, bt = D._tokset_hashes(texts)
+            assert np.array_equal(bp, ptr) and np.array_equal(bt, toks)
     finally:
         D._TOKSET_TEXTS = D_blocks
-    assert np.array_equal(bp, ptr) and np.array_equal(bt, toks)
     for k, t in enumerate(texts):
         assert len(toks[ptr[k]:ptr[k + 1]]) == len(set(toks[ptr[k]:ptr[k + 1]].tolist())) == len(_tokset(t))

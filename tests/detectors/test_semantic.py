@@ -171,6 +171,14 @@ def test_sharded_equals_single():
     again = det.score_with(frame, det.merge([chunked]))
     np.testing.assert_array_equal(again.scores.to_numpy(), whole.scores.to_numpy())
     assert again.evidence.tolist() == whole.evidence.tolist()
+    # summaries handed over (read back from a spill folder) are consumed as they are joined: same model
+    from poisonguard.detectors.base import HandedOver
+
+    sums = [det.summarize(frame.iloc[:120]), det.summarize(frame.iloc[120:])]
+    handed = HandedOver(sums)
+    consumed = det.score_with(frame, det.merge(handed))
+    assert not handed and all(not q for q in sums)
+    np.testing.assert_array_equal(consumed.scores.to_numpy(), whole.scores.to_numpy())
 
 
 def test_projection_in_chunks_equals_tfidf_svd_of_the_stacked_corpus():

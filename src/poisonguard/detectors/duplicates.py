@@ -65,7 +65,7 @@ from poisonguard import schema as S
 from poisonguard.detectors import _text as T
 from poisonguard.detectors.base import Detector, DetectorResult, Finding, HandedOver
 from poisonguard.detectors.registry import register
-from poisonguard.textfeat import combine, ranges
+from poisonguard.textfeat import combine, offload, ranges, scratch
 
 _PREVIEW = 240
 _MAX_REPS = 64
@@ -205,10 +205,12 @@ class DuplicatesDetector(Detector):
         p = self._resolved()
         parts = list(summaries)
         # a summary handed over (or joined here) is ours: each field is dropped once read
-        owned = len(parts) > 1 or isinstance(summaries, HandedOver)
-        sm = parts[0] if len(parts) == 1 else _joined(parts, canonical=False)
+        handed = isinstance(summaries, HandedOver)
+        owned = len(parts) > 1 or handed
+        # handed-over parts are taken apart as they are joined (one field at a time held twice)
+        sm = parts[0] if len(parts) == 1 else _joined(parts, canonical=False, consume=handed)
         del parts
-        if isinstance(summaries, HandedOver):
+        if handed:
             summaries.clear()
         field = sm.pop if owned else sm.__getitem__
         ids_all = field("ids")
@@ -232,7 +234,8 @@ class DuplicatesDetector(Detector):
             return str(ids_all[canon[i]])
 
         # per canonical row: indices into the value tables (signatures are never copied per row)
-        sig_a, sig_b = field("sig_a"), field("sig_b")
+        # the signature tables (~270 MB at 5M rows) in mapped files in an out-of-core merge
+        sig_a, sig_b = offload(field("sig_a")), offload(field("sig_b"))
         ia, ib = field("sig_a_row")[canon], field("sig_b_row")[canon]
         bandable, exact, digest = field("bandable")[canon], field("exact")[canon], field("resp_digest")[canon]
         prev_tab, prev_row = field("resp_preview"), field("resp_preview_row")[canon]
@@ -422,26 +425,27 @@ def _col_at(records: pd.DataFrame, name: str, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _joined(parts: list[dict[str, Any]], canonical: bool) -> dict[str, Any]:
+def _joined(parts: list[dict[str, Any]], canonical: bool, consume: bool = False) -> dict[str, Any]:
     """Summaries of consecutive row ranges as one: per-row arrays stacked, value tables stacked with
-    their row indices shifted. ``canonical``: parts this call owns (they are emptied as they are
-    joined), and each table deduplicated and ordered by first use, so any chunking gives the same
-    summary."""
+    their row indices shifted. ``canonical``: parts this call owns, and each table deduplicated and
+    ordered by first use, so any chunking gives the same summary. The parts are emptied as they are
+    joined when ``canonical`` or ``consume``."""
     from poisonguard.textfeat import trim_heap
 
+    consume = consume or canonical
     out: dict[str, Any] = {}
     for k in list(parts[0]):
         if k in _TABLES or k in _TABLES.values():
             continue
-        vals = [q.pop(k) if canonical else q[k] for q in parts]
+        vals = [q.pop(k) if consume else q[k] for q in parts]
         out[k] = vals[0] if len(vals) == 1 else _concat(vals)
         del vals
-    if canonical:
-        trim_heap()
+        if consume:
+            trim_heap()
     for k, kr in _TABLES.items():
-        tabs = [q.pop(k) if canonical else q[k] for q in parts]
+        tabs = [q.pop(k) if consume else q[k] for q in parts]
         shift = np.cumsum([0] + [len(t) for t in tabs])
-        codes = [q.pop(kr) if canonical else q[kr] for q in parts]
+        codes = [q.pop(kr) if consume else q[kr] for q in parts]
         dt = np.int32 if shift[-1] < 2 ** 31 else np.int64
         code = codes[0] if len(codes) == 1 else np.concatenate([c.astype(dt) + dt(s) for c, s in zip(codes, shift)])
         del codes
@@ -539,12 +543,21 @@ def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ``(indptr, tokens)``, each text's tokens unique (``tokens[indptr[k]:indptr[k + 1]]``, in no
     particular order). A bigram hashes as the ordered pair of its words' hashes (words hold no
     space, so distinct strings stay distinct up to 64-bit collisions). A block of texts at a time
-    (each text's set is its own: the Python word lists of all texts at once were 2.5 GB at 1M rows)."""
+    (each text's set is its own: the Python word lists of all texts at once were 2.5 GB at 1M rows),
+    each block's tokens written into one :func:`scratch` array (a mapped file in an out-of-core
+    merge; ~1 GB at 5M rows) sized by a bound, no more tokens than characters (words are separated,
+    so ``w`` words in ``c`` characters have ``w <= (c + 1) / 2`` and ``2w - 1 <= c`` words and
+    bigrams): the pages past the end are never written, so never held."""
     if len(texts) > _TOKSET_TEXTS:
-        parts = [_tokset_hashes(texts[lo:lo + _TOKSET_TEXTS]) for lo in range(0, len(texts), _TOKSET_TEXTS)]
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.concatenate([np.diff(p) for p, _ in parts]), out=indptr[1:])
-        return indptr, np.concatenate([t for _, t in parts])
+        out = scratch(sum(map(len, texts)), np.uint64)
+        at = 0
+        for lo in range(0, len(texts), _TOKSET_TEXTS):
+            ptr, tok = _tokset_hashes(texts[lo:lo + _TOKSET_TEXTS])
+            indptr[lo + 1:lo + len(ptr)] = at + ptr[1:]
+            out[at:at + len(tok)] = tok
+            at += len(tok)
+        return indptr, out[:at]
     words = [_WORDS.findall(s) for s in texts]
     lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     flat = np.array(list(chain.from_iterable(words)), dtype=object)

@@ -174,10 +174,11 @@ class SemanticDetector(Detector):
         p = self._resolved()
         parts = list(summaries)
         # the merged summary is ours to take apart when it was joined here or handed over
-        owned = len(parts) > 1 or isinstance(summaries, HandedOver)
-        sm = T.concat_parts(parts)
+        handed = isinstance(summaries, HandedOver)
+        owned = len(parts) > 1 or handed
+        sm = T.concat_parts(parts, consume=handed)      # handed-over parts: taken apart as joined
         del parts
-        if isinstance(summaries, HandedOver):
+        if handed:
             summaries.clear()
         ids, source, has_resp = _Strings(sm["ids"]), _Strings(sm["source"]), sm["has_resp"]
         n = len(ids)
