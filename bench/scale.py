@@ -676,8 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         i, f = r["increment"], r["full"]
         mem = (lambda x: f" (peak/process {x['peak_rss_mb']} MB, driver {x['peak_driver_mb']} MB)") \
             if mode == "dask-increment" else (lambda x: "")
-        print(f"{mode}: {i['new']} new rows over {n}: {i['mode']} run {i['seconds']} s (detectors saw {i['delta']} "
-              f"rows){mem(i)} vs full {f['seconds']} s{mem(f)} = {100 * r['increment_share_of_full']:.1f}% of the "
+        twins = i.get("prompt_twins") or 0
+        print(f"{mode}: {i['new']} new rows over {n}: {i['mode']} run {i['seconds']} s (delta set {i['delta']} "
+              f"rows, {i['delta'] - twins} without the prompt twins only duplicates and divergent_copies see)"
+              f"{mem(i)} vs full {f['seconds']} s{mem(f)} = {100 * r['increment_share_of_full']:.1f}% of the "
               f"full run; recall {i['recall']:.3f} vs {f['recall']:.3f}, FPR {100 * i['fpr']:.4f}% vs "
               f"{100 * f['fpr']:.4f}%; quarantined only by incremental {r.get('quarantine_only_incremental')}, "
               f"only by full {r.get('quarantine_only_full')}", flush=True)

@@ -79,16 +79,23 @@ def test_the_delta_set_carries_sample_weights_that_add_up_to_all_rows(nights, tm
     seen: list[np.ndarray] = []
 
     def run(rows: pd.DataFrame) -> san.SanitizeResult:
-        seen.append(rows[S.SAMPLE_WEIGHT].to_numpy().copy())
+        seen.append(rows[[S.SAMPLE_WEIGHT, S.TWIN_FREE_WEIGHT]].to_numpy(dtype=float).copy())
         return san.sanitize(rows, CFG)
 
     _, info = incremental.sanitize_incremental(night2, CFG, tmp_path, INC, run)
-    (w,) = seen
+    (both,) = seen
+    w, free = both[:, 0], both[:, 1]
     assert len(w) == info["delta"]
     assert w.sum() == pytest.approx(len(night2))
     pool = len(night2) - info["new"] - info["watched"] - info["prompt_twins"]
     assert (w > 1).sum() == info["baseline"] == 300
     assert np.allclose(w[w > 1], pool / 300) and (w[w <= 1] == 1).all()
+    # the detectors that do not compare copies see no twins: NaN there, and the baseline stands for
+    # them too, so these weights add up to all rows as well
+    twin = np.isnan(free)
+    assert info["prompt_twins"] > 0 and twin.sum() == info["prompt_twins"] and (w[twin] == 1).all()
+    assert free[~twin].sum() == pytest.approx(len(night2))
+    assert np.allclose(free[w > 1], (pool + info["prompt_twins"]) / 300) and (free[~twin & (w <= 1)] == 1).all()
 
 
 def test_sample_weights_must_be_positive_numbers():

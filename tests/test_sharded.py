@@ -56,6 +56,42 @@ def test_sharded_equals_single(frame):
         _same(sharded.sanitize_sharded(recs, CFG, n_shards=n), single)
 
 
+def test_prompt_twins_are_seen_by_the_copy_comparing_detectors_only(frame, monkeypatch):
+    """An incremental delta set marks its prompt twins (NaN in TWIN_FREE_WEIGHT): duplicates and
+    divergent_copies see every row; the other detectors every row but the twins, with the weights
+    of that view, and score the twins 0. The same in process and shard by shard."""
+    from poisonguard.detectors.base import Detector, without_twins
+
+    recs, truth = frame
+    twin = np.zeros(len(recs), dtype=bool)
+    twin[np.flatnonzero(~recs[S.ID].isin(truth))[::5]] = True       # a fifth of the clean rows
+    twin[np.flatnonzero(recs[S.ID].isin(truth))[:2]] = True         # and two planted rows
+    delta = recs.assign(**{S.SAMPLE_WEIGHT: 1.0, S.TWIN_FREE_WEIGHT: np.where(twin, np.nan, 1.25)})
+    free = without_twins(delta)
+    assert len(free) == (~twin).sum() and S.TWIN_FREE_WEIGHT not in free.columns
+    assert (free[S.SAMPLE_WEIGHT] == 1.25).all() and free[S.ID].tolist() == recs[S.ID][~twin].tolist()
+    assert without_twins(recs) is recs
+
+    seen: dict[str, set[int]] = {}
+    real = Detector.score
+    monkeypatch.setattr(Detector, "score",
+                        lambda self, r: seen.setdefault(self.name, set()).add(len(r)) or real(self, r))
+    out = san.sanitize(delta, CFG.model_copy(update={"workers": 1}))     # one lane: the spy sees every call
+    assert seen["duplicates"] == seen["divergent_copies"] == {len(recs)}
+    others = {name for name in seen if name not in ("duplicates", "divergent_copies")}
+    assert {"trigger_association", "semantic"} <= others      # (a detector may score without Detector.score)
+    assert all(seen[name] == {int((~twin).sum())} for name in others), seen
+    for name, res in out.results.items():
+        assert res.scores.index.equals(pd.Index(recs[S.ID])), name
+        if name not in ("duplicates", "divergent_copies"):
+            assert (res.scores.to_numpy()[twin] == 0).all() and not res.flagged.to_numpy()[twin].any(), name
+    # the planted rows that are not twins are still found; the two twins are not re-flagged
+    planted = recs[S.ID].isin(truth).to_numpy()
+    held = out.decisions[S.DECISION].to_numpy() != S.KEEP
+    assert held[planted & ~twin].all() and not held[planted & twin].any()
+    _same(sharded.sanitize_sharded(delta, CFG, n_shards=3), out)
+
+
 def test_shard_files_round_trip(frame, tmp_path):
     recs, _ = frame
     paths = sharded.write_shards(recs, tmp_path, 4)

@@ -13,7 +13,10 @@ An incremental run analyses a *delta set* instead of every row:
 * **watched** old rows: every row the ledger holds in quarantine or review, so an existing
   finding is seen again, grows when new rows join it, and is reported again;
 * **prompt twins**: old rows whose normalised prompt equals a new row's, up to ``max_twins`` per
-  prompt (copies of one prompt whose responses disagree need both sides);
+  prompt (copies of one prompt whose responses disagree need both sides). Only the detectors that
+  compare copies of one prompt (``Detector.compares_copies``: duplicates, divergent_copies) see
+  them; the others analyse the delta set without them
+  (:func:`~poisonguard.detectors.base.without_twins`), scoring the twins 0;
 * a **baseline** of old rows (a fixed hash-ordered sample, ``baseline_factor`` x the new rows,
   at least ``min_baseline``): the global statistics the detectors calibrate against (task
   templates, n-gram rates, duplicate bands) are estimated on it.
@@ -21,7 +24,9 @@ An incremental run analyses a *delta set* instead of every row:
 Each row of the delta set carries a **sample weight** (:data:`~poisonguard.schema.SAMPLE_WEIGHT`,
 :func:`weighted`): 1 for new, watched and twin rows, and for a baseline row the number of old rows
 it was sampled from per baseline row; the weights add up to the number of rows (when a baseline
-is sampled at all: ``min_baseline: 0`` with ``baseline_factor: 0`` samples none). A detector bound
+is sampled at all: ``min_baseline: 0`` with ``baseline_factor: 0`` samples none). The view without
+the twins has its own weights (:data:`~poisonguard.schema.TWIN_FREE_WEIGHT`): there a baseline row
+also stands for the twins, so they add up to the number of rows as well. A detector bound
 stated as a share of all rows (``response_cluster``: a pasted word is in at most 3% of the prompts,
 a phrase in at most 2% of the responses) is tested on the weighted counts: the twins, picked
 because a new row repeats their prompt, would otherwise shift the delta's mix of tasks, and which
@@ -286,6 +291,10 @@ class Plan:
     # outside the delta 0): they add up to the number of records whenever a baseline is sampled
     # (``min_baseline: 0`` with no new rows or ``baseline_factor: 0`` samples none) (:func:`weighted`)
     weights: np.ndarray | None = None
+    # incremental plans with prompt twins and a baseline: the weights of the detectors that do not
+    # see the twins (``Detector.compares_copies`` False): NaN on a twin, a baseline row also stands
+    # for the twins
+    twin_free_weights: np.ndarray | None = None
 
 
 def full_counts(n: int) -> dict[str, int]:
@@ -379,22 +388,34 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     # them, so the delta set's weighted counts estimate counts over all rows (the twins, picked
     # because a new row repeats their prompt, would otherwise skew every share of prompts)
     weights = (new | watched | twins).astype(np.float64)
+    # the detectors that do not compare copies of one prompt see no twins: their baseline rows
+    # stand for the twins too (a twin row's NaN: not seen)
+    twin_free = None
     if want:
         weights[base] = len(old_idx) / want
+        if twins.any():
+            twin_free = np.where(twins, np.nan, weights)
+            twin_free[base] = (len(old_idx) + int(twins.sum())) / want
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
-    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys, okeys, weights)
+    return Plan("incremental", f"{n_new} new rows of {n}", new, delta, counts, lpos, hkeys, keys, okeys, weights,
+                twin_free)
 
 
 def weighted(delta_records: pd.DataFrame, p: Plan) -> pd.DataFrame:
     """The delta set's records (``p.delta``'s rows, in order) with each row's sample weight
-    (:data:`~poisonguard.schema.SAMPLE_WEIGHT`) for the detectors."""
+    (:data:`~poisonguard.schema.SAMPLE_WEIGHT`) for the detectors, and the weight for those that
+    do not see the prompt twins (:data:`~poisonguard.schema.TWIN_FREE_WEIGHT`, NaN on a twin; see
+    :func:`poisonguard.detectors.base.rows_for`)."""
     if p.weights is None:
         return delta_records
     w = p.weights[p.delta]
     if len(w) != len(delta_records):
         raise ValueError(f"the delta set has {len(delta_records)} rows, the plan {len(w)}")
-    return delta_records.assign(**{S.SAMPLE_WEIGHT: w})
+    cols = {S.SAMPLE_WEIGHT: w}
+    if p.twin_free_weights is not None:
+        cols[S.TWIN_FREE_WEIGHT] = p.twin_free_weights[p.delta]
+    return delta_records.assign(**cols)
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:

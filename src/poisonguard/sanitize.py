@@ -32,7 +32,7 @@ from poisonguard import schema as S
 from poisonguard import textfeat
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
-from poisonguard.detectors.base import DetectorResult, Finding
+from poisonguard.detectors.base import DetectorResult, Finding, without_twins
 
 log = logging.getLogger("poisonguard.sanitize")
 
@@ -88,14 +88,21 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
     stop = threading.Event()
     shared = _SharedIndex()
     textfeat.trim_heap()   # what reading the records left idle (Arrow's pool keeps freed buffers)
+    # an incremental night's delta set without its prompt twins, for the detectors that do not
+    # compare copies of one prompt (one object: the detectors sharing a token table share it)
+    twin_free = without_twins(records)
+    ids = pd.Index(records[S.ID], name=S.ID)
 
     def run_one(name: str) -> tuple[DetectorResult, float]:
         t0 = time.perf_counter()
         det = registry.build(name, **cfg.detectors[name])
         if reference is not None:
             det.fit(reference)
-        res = det.score(records)
-        _check_result(name, res, records)
+        rows = records if det.compares_copies else twin_free
+        res = det.score(rows)
+        _check_result(name, res, rows)
+        if rows is not records:
+            res = _align(res, ids)      # the twins: score 0, no flag
         del det
         textfeat.trim_heap()   # the detector's per-row strings are garbage now: give the heap back
         return res, round(time.perf_counter() - t0, 3)

@@ -66,6 +66,10 @@ FINDING: Final = "finding"
 # watched or twin row 1, a baseline row the old rows it was sampled from); detectors that compare
 # a share of all prompts with a bound estimate it with these weights. Not a record column.
 SAMPLE_WEIGHT: Final = "sample_weight"
+# an incremental night's delta set: each row's sample weight for the detectors that do not compare
+# the copies of one prompt (``Detector.compares_copies`` False), which do not see the prompt twins:
+# NaN on a twin row, and a baseline row also stands for the twins. Not a record column.
+TWIN_FREE_WEIGHT: Final = "sample_weight_without_twins"
 
 # rejected rows
 REASON: Final = "reason"

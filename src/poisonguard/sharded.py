@@ -50,7 +50,7 @@ from poisonguard import schema as S
 from poisonguard import textfeat as tf
 from poisonguard.config import SanitizeConfig
 from poisonguard.detectors import registry
-from poisonguard.detectors.base import DetectorResult, Finding, HandedOver
+from poisonguard.detectors.base import DetectorResult, Finding, HandedOver, without_twins
 from poisonguard.textfeat import RowTable, SavedSummary, SavedTable
 
 Summaries = dict[str, Any]
@@ -203,9 +203,10 @@ def summarize_shard(shard: pd.DataFrame | Path | str, cfg: SanitizeConfig,
     from poisonguard.sanitize import release_caches
 
     records = _load(shard)
+    twin_free = without_twins(records)      # an incremental delta set: see Detector.compares_copies
     try:
-        out = {name: det.summarize(records) for name, det in _detectors(cfg).items()
-               if names is None or name in names}
+        out = {name: det.summarize(records if det.compares_copies else twin_free)
+               for name, det in _detectors(cfg).items() if names is None or name in names}
     finally:
         release_caches()
     out = _share_tables(out)
@@ -311,13 +312,18 @@ def collect_stats(parts: Sequence[Stats]) -> Stats:
 
 def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeConfig) -> Results:
     """Phase 3 on one shard: every detector's result against the global statistics."""
+    from poisonguard.sanitize import _align
+
     records = _load(shard)
+    twin_free = without_twins(records)      # an incremental delta set: see Detector.compares_copies
+    ids = pd.Index(records[S.ID], name=S.ID)
     out: Results = {}
     for name, det in _detectors(cfg).items():
-        res = det.score_with(records, stats[name])
-        if not isinstance(res, DetectorResult) or len(res.scores) != len(records):
+        rows = records if det.compares_copies else twin_free
+        res = det.score_with(rows, stats[name])
+        if not isinstance(res, DetectorResult) or len(res.scores) != len(rows):
             raise ValueError(f"detector {name!r} did not return one score per row of the shard")
-        out[name] = res
+        out[name] = res if rows is records else _align(res, ids)     # the twins: score 0, no flag
     return out
 
 

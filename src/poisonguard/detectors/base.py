@@ -103,6 +103,10 @@ class Detector(ABC):
     shares: ClassVar[str | None] = None
     #: relative cost per row (measured at 1M rows), to balance concurrent lanes
     cost: ClassVar[float] = 1.0
+    #: the detector compares the copies of one prompt with each other: in an incremental night it
+    #: also sees the prompt twins (old rows repeating a new row's prompt), which the others skip
+    #: (:func:`without_twins`)
+    compares_copies: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = dict(params)
@@ -141,6 +145,23 @@ class Detector(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))
         return f"{type(self).__name__}({args})"
+
+
+def without_twins(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows a detector that does not compare copies of one prompt (``compares_copies`` False)
+    analyses. In an incremental night's delta set (a :data:`~poisonguard.schema.TWIN_FREE_WEIGHT`
+    column) that is every row but the prompt twins, with the sample weights for that view (its
+    baseline rows also stand for the twins). The twins were checked on an earlier night; only the
+    copy-comparing detectors (a minority answer among copies of one prompt) learn anything new from
+    them, and at 1M rows they were a third of the delta set. Other records are returned as they are.
+    Call it once per records: the detectors sharing a token table must get the same object."""
+    if S.TWIN_FREE_WEIGHT not in records.columns:
+        return records
+    w = pd.to_numeric(records[S.TWIN_FREE_WEIGHT], errors="coerce").to_numpy(dtype=np.float64)
+    keep = ~np.isnan(w)
+    out = records.loc[keep].drop(columns=[S.TWIN_FREE_WEIGHT]).reset_index(drop=True)
+    out[S.SAMPLE_WEIGHT] = w[keep]
+    return out
 
 
 class HandedOver(list):

@@ -177,6 +177,7 @@ class DivergentCopiesDetector(Detector):
 
     name: ClassVar[str] = "divergent_copies"
     cost: ClassVar[float] = 2
+    compares_copies: ClassVar[bool] = True     # sees an incremental night's prompt twins
     description: ClassVar[str] = (
         "Duplicate prompts (instruction rows, or chats identical up to a turn) whose responses diverge, "
         "where one side keeps adding the same word that neither the prompt, the conversation before it "

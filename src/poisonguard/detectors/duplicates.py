@@ -105,6 +105,7 @@ class DuplicatesDetector(Detector):
 
     name: ClassVar[str] = "duplicates"
     cost: ClassVar[float] = 5
+    compares_copies: ClassVar[bool] = True     # sees an incremental night's prompt twins
     description: ClassVar[str] = (
         "Exact and near-duplicate prompts (MinHash/LSH over instruction and input separately, Broder 1997) "
         "whose responses disagree: the minority answer in a group with a consensus is suspicious; "
