@@ -676,10 +676,11 @@ def main(argv: list[str] | None = None) -> int:
         i, f = r["increment"], r["full"]
         mem = (lambda x: f" (peak/process {x['peak_rss_mb']} MB, driver {x['peak_driver_mb']} MB)") \
             if mode == "dask-increment" else (lambda x: "")
-        twins = i.get("prompt_twins") or 0
+        twins = i.get("prompt_twins")     # (the streamed stage's report has the delta set's size only)
+        twin_free = "" if twins is None else \
+            f", {i['delta'] - twins} without the prompt twins only duplicates and divergent_copies see"
         print(f"{mode}: {i['new']} new rows over {n}: {i['mode']} run {i['seconds']} s (delta set {i['delta']} "
-              f"rows, {i['delta'] - twins} without the prompt twins only duplicates and divergent_copies see)"
-              f"{mem(i)} vs full {f['seconds']} s{mem(f)} = {100 * r['increment_share_of_full']:.1f}% of the "
+              f"rows{twin_free}){mem(i)} vs full {f['seconds']} s{mem(f)} = {100 * r['increment_share_of_full']:.1f}% of the "
               f"full run; recall {i['recall']:.3f} vs {f['recall']:.3f}, FPR {100 * i['fpr']:.4f}% vs "
               f"{100 * f['fpr']:.4f}%; quarantined only by incremental {r.get('quarantine_only_incremental')}, "
               f"only by full {r.get('quarantine_only_full')}", flush=True)
