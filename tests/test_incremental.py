@@ -180,6 +180,11 @@ def test_watched_rows_and_prompt_twins_are_rechecked(nights):
     assert night1[S.ID].iloc[5] in picked          # watched (review in the ledger)
     assert night1[S.ID].iloc[7] in picked          # same prompt as a new row
     assert p.counts["watched"] == 1 and p.counts["prompt_twins"] >= 1
+    # no baseline sampled: the detectors that do not compare copies still skip the twins
+    delta = incremental.weighted(recs.loc[p.delta].reset_index(drop=True), p)
+    twin_rows = delta[S.TWIN_FREE_WEIGHT].isna().to_numpy()
+    assert twin_rows.sum() == p.counts["prompt_twins"] and night1[S.ID].iloc[7] in set(delta.loc[twin_rows, S.ID])
+    assert (delta.loc[~twin_rows, S.TWIN_FREE_WEIGHT] == 1).all()
 
 
 def test_fingerprint_follows_deciding_settings_only():

@@ -71,6 +71,9 @@ def test_prompt_twins_are_seen_by_the_copy_comparing_detectors_only(frame, monke
     assert len(free) == (~twin).sum() and S.TWIN_FREE_WEIGHT not in free.columns
     assert (free[S.SAMPLE_WEIGHT] == 1.25).all() and free[S.ID].tolist() == recs[S.ID][~twin].tolist()
     assert without_twins(recs) is recs
+    for bad in ("user note", 0.0):      # the internal column is checked, not read as "every row a twin"
+        with pytest.raises(ValueError, match=S.TWIN_FREE_WEIGHT):
+            without_twins(recs.assign(**{S.TWIN_FREE_WEIGHT: bad}))
 
     seen: dict[str, set[int]] = {}
     real = Detector.score

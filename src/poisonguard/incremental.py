@@ -291,8 +291,7 @@ class Plan:
     # outside the delta 0): they add up to the number of records whenever a baseline is sampled
     # (``min_baseline: 0`` with no new rows or ``baseline_factor: 0`` samples none) (:func:`weighted`)
     weights: np.ndarray | None = None
-    # incremental plans with prompt twins and a baseline: the weights of the detectors that do not
-    # see the twins (``Detector.compares_copies`` False): NaN on a twin, a baseline row also stands
+    # incremental plans with prompt twins: the weights of the detectors that do not see the twins (``Detector.compares_copies`` False): NaN on a twin, a baseline row also stands
     # for the twins
     twin_free_weights: np.ndarray | None = None
 
@@ -390,11 +389,10 @@ def plan(records: pd.DataFrame, ledger: Ledger | None, fp: str, inc: Incremental
     weights = (new | watched | twins).astype(np.float64)
     # the detectors that do not compare copies of one prompt see no twins: their baseline rows
     # stand for the twins too (a twin row's NaN: not seen)
-    twin_free = None
+    twin_free = np.where(twins, np.nan, weights) if twins.any() else None
     if want:
         weights[base] = len(old_idx) / want
-        if twins.any():
-            twin_free = np.where(twins, np.nan, weights)
+        if twin_free is not None:
             twin_free[base] = (len(old_idx) + int(twins.sum())) / want
     counts = {"rows": n, "new": n_new, "watched": int(watched.sum()), "prompt_twins": int(twins.sum()),
               "baseline": int(base.sum()), "delta": int(delta.sum()), "carried_over": int(n - delta.sum())}
@@ -406,7 +404,7 @@ def weighted(delta_records: pd.DataFrame, p: Plan) -> pd.DataFrame:
     """The delta set's records (``p.delta``'s rows, in order) with each row's sample weight
     (:data:`~poisonguard.schema.SAMPLE_WEIGHT`) for the detectors, and the weight for those that
     do not see the prompt twins (:data:`~poisonguard.schema.TWIN_FREE_WEIGHT`, NaN on a twin; see
-    :func:`poisonguard.detectors.base.rows_for`)."""
+    :func:`poisonguard.detectors.base.without_twins`)."""
     if p.weights is None:
         return delta_records
     w = p.weights[p.delta]

@@ -157,8 +157,15 @@ def without_twins(records: pd.DataFrame) -> pd.DataFrame:
     Call it once per records: the detectors sharing a token table must get the same object."""
     if S.TWIN_FREE_WEIGHT not in records.columns:
         return records
-    w = pd.to_numeric(records[S.TWIN_FREE_WEIGHT], errors="coerce").to_numpy(dtype=np.float64)
+    col = records[S.TWIN_FREE_WEIGHT]
+    w = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
     keep = ~np.isnan(w)
+    bad = (~keep & col.notna().to_numpy()) | (keep & ~(w > 0))
+    if bad.any():       # an empty cell marks a twin; anything else must be a positive weight
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{S.TWIN_FREE_WEIGHT} (an incremental night's internal column) must be empty or a "
+                         f"positive number; record {records[S.ID].iloc[i]!r} has {col.iloc[i]!r} "
+                         f"({int(bad.sum())} such rows)")
     out = records.loc[keep].drop(columns=[S.TWIN_FREE_WEIGHT]).reset_index(drop=True)
     out[S.SAMPLE_WEIGHT] = w[keep]
     return out

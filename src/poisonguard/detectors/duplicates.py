@@ -441,8 +441,10 @@ def _joined(parts: list[dict[str, Any]], canonical: bool, consume: bool = False)
         vals = [q.pop(k) if consume else q[k] for q in parts]
         out[k] = vals[0] if len(vals) == 1 else _concat(vals)
         del vals
-        if consume:
+        if consume and not canonical:   # a merge's join: each field's parts go back before the next
             trim_heap()
+    if canonical:
+        trim_heap()
     for k, kr in _TABLES.items():
         tabs = [q.pop(k) if consume else q[k] for q in parts]
         shift = np.cumsum([0] + [len(t) for t in tabs])
@@ -546,9 +548,11 @@ def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     space, so distinct strings stay distinct up to 64-bit collisions). A block of texts at a time
     (each text's set is its own: the Python word lists of all texts at once were 2.5 GB at 1M rows),
     each block's tokens written into one :func:`scratch` array (a mapped file in an out-of-core
-    merge; ~1 GB at 5M rows) sized by a bound, no more tokens than characters (words are separated,
-    so ``w`` words in ``c`` characters have ``w <= (c + 1) / 2`` and ``2w - 1 <= c`` words and
-    bigrams): the pages past the end are never written, so never held."""
+    merge; ~1 GB of tokens at 5M rows) sized by a bound, no more tokens than characters (words are
+    separated, so ``w`` words in ``c`` characters have ``w <= (c + 1) / 2`` and ``2w - 1 <= c``
+    words and bigrams): the pages past the end are never written, so never held in memory, but a
+    mapped file reserves its whole size on the spill disk (8 bytes per character: about 3x the
+    tokens of English answers, 3-6x) until the merge ends."""
     if len(texts) > _TOKSET_TEXTS:
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)
         out = scratch(sum(map(len, texts)), np.uint64)
