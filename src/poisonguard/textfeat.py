@@ -1125,7 +1125,9 @@ class RowTable:
         d = Path(directory) / f"table-{uuid.uuid4().hex}"
         d.mkdir()      # not the parents: a run's folder removed at its end is not made again
         for f in fields(self):
-            np.save(d / f"{f.name}.npy", getattr(self, f.name))
+            with open(d / f"{f.name}.npy", "wb") as fh:
+                np.save(fh, getattr(self, f.name))
+                _hand_over(fh)
         return SavedTable(str(d), self.__dict__.get("_limits"), self.n)
 
     def prompt_rows(self) -> np.ndarray:
@@ -1134,6 +1136,18 @@ class RowTable:
 
     def response_rows(self) -> np.ndarray:
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.r_indptr))
+
+
+def _hand_over(fh: Any) -> None:
+    """A file written for another process (the merge's) leaves this one's page cache: written to
+    disk, then its cached pages dropped. The reader's page cache then holds them, and a memory
+    limit per process (a cgroup) counts them there, where they are read, not at the writer (in a
+    5M-row run capped at 4 GB per process the merging worker's resident set reached 4.56 GB with
+    pages charged to the worker that wrote them)."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -1184,6 +1198,7 @@ class SavedSummary:
         path = Path(directory) / f"summary-{uuid.uuid4().hex}.pkl"
         with open(path, "wb") as fh:
             pickle.dump(summary, fh, protocol=5)
+            _hand_over(fh)
         return cls(str(path))
 
     def load(self) -> Any:
