@@ -291,8 +291,8 @@ class Plan:
     # outside the delta 0): they add up to the number of records whenever a baseline is sampled
     # (``min_baseline: 0`` with no new rows or ``baseline_factor: 0`` samples none) (:func:`weighted`)
     weights: np.ndarray | None = None
-    # incremental plans with prompt twins: the weights of the detectors that do not see the twins (``Detector.compares_copies`` False): NaN on a twin, a baseline row also stands
-    # for the twins
+    # incremental plans with prompt twins: the weights of the detectors that do not see them
+    # (``Detector.compares_copies`` False): NaN on a twin, a baseline row also stands for the twins
     twin_free_weights: np.ndarray | None = None
 
 

@@ -91,7 +91,7 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
     # an incremental night's delta set without its prompt twins, for the detectors that do not
     # compare copies of one prompt (one object: the detectors sharing a token table share it)
     twin_free = without_twins(records)
-    ids = pd.Index(records[S.ID], name=S.ID)
+    ids = None if twin_free is records else pd.Index(records[S.ID], name=S.ID)
 
     def run_one(name: str) -> tuple[DetectorResult, float]:
         t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def run_detectors(records: pd.DataFrame, cfg: SanitizeConfig, reference: pd.Data
         rows = records if det.compares_copies else twin_free
         res = det.score(rows)
         _check_result(name, res, rows)
-        if rows is not records:
+        if ids is not None and rows is not records:
             res = _align(res, ids)      # the twins: score 0, no flag
         del det
         textfeat.trim_heap()   # the detector's per-row strings are garbage now: give the heap back

@@ -316,14 +316,14 @@ def score_shard(shard: pd.DataFrame | Path | str, stats: Stats, cfg: SanitizeCon
 
     records = _load(shard)
     twin_free = without_twins(records)      # an incremental delta set: see Detector.compares_copies
-    ids = pd.Index(records[S.ID], name=S.ID)
+    ids = None if twin_free is records else pd.Index(records[S.ID], name=S.ID)
     out: Results = {}
     for name, det in _detectors(cfg).items():
         rows = records if det.compares_copies else twin_free
         res = det.score_with(rows, stats[name])
         if not isinstance(res, DetectorResult) or len(res.scores) != len(rows):
             raise ValueError(f"detector {name!r} did not return one score per row of the shard")
-        out[name] = res if rows is records else _align(res, ids)     # the twins: score 0, no flag
+        out[name] = res if ids is None or rows is records else _align(res, ids)     # twins: score 0, no flag
     return out
 
 

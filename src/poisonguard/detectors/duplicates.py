@@ -551,8 +551,8 @@ def _tokset_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     merge; ~1 GB of tokens at 5M rows) sized by a bound, no more tokens than characters (words are
     separated, so ``w`` words in ``c`` characters have ``w <= (c + 1) / 2`` and ``2w - 1 <= c``
     words and bigrams): the pages past the end are never written, so never held in memory, but a
-    mapped file reserves its whole size on the spill disk (8 bytes per character: about 3x the
-    tokens of English answers, 3-6x) until the merge ends."""
+    mapped file reserves its whole size on the spill disk until the merge ends (8 bytes per
+    character: 3-6x the tokens written, on the demo's and on English answers)."""
     if len(texts) > _TOKSET_TEXTS:
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)
         out = scratch(sum(map(len, texts)), np.uint64)
